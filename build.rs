@@ -1,0 +1,12 @@
+// Generates the gRPC code from proto/ with a vendored protoc, so a fresh machine
+// needs no system protobuf compiler.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=proto/mutualstore.proto");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/mutualstore.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! MutualStore: a peer-to-peer storage ring. See ARCHITECTURE.md for the map.
+pub mod blockstore;
+pub mod ring;
+pub mod sim;
+pub mod rpc {
+    pub mod pb {
+        tonic::include_proto!("mutualstore.v1");
+    }
+}

@@ -1,0 +1,344 @@
+//! Chord's protocols (join, stabilize, notify, fix_fingers, check_predecessor, leave,
+//! lookup, ring sampling) written once, generic over a `Transport`.
+//!
+//! Owns: the order of messages in each protocol. Never holds the node lock across an
+//! await, never reads a clock (callers pass `now_ms`), never touches sockets itself:
+//! the gRPC transport, the in-memory test network and the simulation plug in below.
+
+use super::id::Id;
+use super::lookup::{Found, Lookup, LookupError, Step};
+use super::msg::{Contact, NeighborsInfo, NetError, RingRequest, RingResponse};
+use super::node::{Addr, Node};
+use super::vnode_position::{Sample, SAMPLE_WALKS, SAMPLE_WALK_LEN};
+use parking_lot::Mutex;
+use rand::Rng;
+use std::future::Future;
+
+pub trait Transport<A>: Send + Sync {
+    fn call(&self, to: &A, req: RingRequest<A>) -> impl Future<Output = Result<RingResponse<A>, NetError>> + Send;
+}
+
+/// Calls `to`, answering locally when it is this very peer (no socket to ourselves).
+async fn call<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    to: &A,
+    req: RingRequest<A>,
+    now_ms: u64,
+) -> Result<RingResponse<A>, NetError> {
+    let local = { node.lock().addr == *to };
+    if local {
+        return Ok(node.lock().handle(req, now_ms));
+    }
+    net.call(to, req).await
+}
+
+fn unexpected<A>(what: &str, got: &RingResponse<A>) -> NetError
+where
+    A: std::fmt::Debug,
+{
+    NetError::Protocol(format!("expected {what}, got {got:?}"))
+}
+
+async fn run_lookup<A: Addr, T: Transport<A>>(
+    node: Option<&Mutex<Node<A>>>,
+    net: &T,
+    mut lookup: Lookup<A>,
+    mut step: Step<A>,
+    now_ms: u64,
+) -> Result<Found<A>, LookupError> {
+    let key = lookup.key();
+    loop {
+        match step {
+            Step::Done(f) => return Ok(f),
+            Step::Failed(e) => return Err(e),
+            Step::Ask(a) => {
+                let req = RingRequest::FindNext { key };
+                let res = match node {
+                    Some(n) => call(n, net, &a, req, now_ms).await,
+                    None => net.call(&a, req).await,
+                };
+                step = match res {
+                    Ok(RingResponse::Route(r)) => lookup.on_route(r),
+                    Ok(_) => lookup.on_failure(),
+                    Err(_) => {
+                        if let Some(n) = node {
+                            n.lock().forget_addr(&a);
+                        }
+                        lookup.on_failure()
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// Finds the owner of `key`, starting from this peer's own routing state.
+pub async fn lookup<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    key: Id,
+    now_ms: u64,
+) -> Result<Found<A>, LookupError> {
+    let (me, route) = {
+        let n = node.lock();
+        (n.addr.clone(), n.route(key))
+    };
+    let (l, step) = Lookup::from_route(key, me, route);
+    run_lookup(Some(node), net, l, step, now_ms).await
+}
+
+/// Finds the owner of `key` from outside the ring (a client, or a peer before it joins).
+pub async fn lookup_via<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id) -> Result<Found<A>, LookupError> {
+    let (l, step) = Lookup::from_addrs(key, start);
+    run_lookup(None, net, l, step, 0).await
+}
+
+pub async fn neighbors<A: Addr, T: Transport<A>>(net: &T, c: &Contact<A>) -> Result<NeighborsInfo<A>, NetError> {
+    match net.call(&c.addr, RingRequest::Neighbors { vnode: c.id }).await? {
+        RingResponse::Neighbors(info) => Ok(info),
+        other => Err(unexpected("Neighbors", &other)),
+    }
+}
+
+/// Samples the ring for vnode placement: random lookups, each followed by a short walk
+/// along successors. Each sample is a vnode's arc and its peer's load.
+pub async fn sample_ring<A: Addr, T: Transport<A>, R: Rng + Send>(
+    net: &T,
+    bootstrap: &A,
+    rng: &mut R,
+) -> Result<Vec<Sample<A>>, LookupError> {
+    let mut out: Vec<Sample<A>> = Vec::new();
+    for _ in 0..SAMPLE_WALKS {
+        let key = Id::from_fraction(rng.gen());
+        let found = lookup_via(net, vec![bootstrap.clone()], key).await?;
+        let mut at = found.owner;
+        for _ in 0..SAMPLE_WALK_LEN {
+            if out.iter().any(|s| s.vnode == at.id) {
+                break;
+            }
+            let Ok(info) = neighbors(net, &at).await else { break };
+            let (Some(pred), true) = (info.pred.clone(), info.vnode_exists) else { break };
+            out.push(Sample {
+                vnode: at.id,
+                pred: pred.id,
+                peer: at.addr.clone(),
+                peer_capacity_bytes: info.peer_capacity_bytes,
+                peer_share: info.peer_share,
+            });
+            match info.succ.first() {
+                Some(next) => at = next.clone(),
+                None => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Joins every vnode of `node` to the ring `bootstrap` belongs to: find the vnode's
+/// successor, adopt its predecessor and successor list, tell both neighbours, and seed
+/// the finger table from the successor's (the Chord paper's join optimisation).
+pub async fn join<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    bootstrap: &A,
+    now_ms: u64,
+) -> Result<(), JoinError> {
+    let (ids, me) = {
+        let n = node.lock();
+        (n.vnode_ids(), n.addr.clone())
+    };
+    for id in ids {
+        let found = lookup_via_node(node, net, bootstrap, id, now_ms).await?;
+        let succ = found.owner;
+        if succ.id == id {
+            continue; // already in the ring (a restart that was never noticed gone)
+        }
+        let info = match call(node, net, &succ.addr, RingRequest::Neighbors { vnode: succ.id }, now_ms).await? {
+            RingResponse::Neighbors(i) => i,
+            other => return Err(JoinError::Net(unexpected("Neighbors", &other))),
+        };
+        let fingers = match call(node, net, &succ.addr, RingRequest::Fingers { vnode: succ.id }, now_ms).await {
+            Ok(RingResponse::Fingers(f)) => f,
+            _ => Vec::new(),
+        };
+        {
+            let mut n = node.lock();
+            let r = n.config.successor_list_len;
+            let v = n.vnode_mut(id).expect("joining vnode belongs to this node");
+            v.pred = info.pred.clone().filter(|p| p.id != id);
+            v.pred_seen_ms = now_ms;
+            let mut list = vec![succ.clone()];
+            list.extend(info.succ.iter().cloned());
+            v.set_successors(list, r);
+            v.seed_fingers(fingers);
+        }
+        let me_c = Contact { id, addr: me.clone() };
+        call(node, net, &succ.addr, RingRequest::Notify { vnode: succ.id, candidate: me_c.clone(), as_successor: false }, now_ms)
+            .await?;
+        if let Some(p) = info.pred.filter(|p| p.id != id) {
+            // Best effort: if the predecessor is unreachable, its successor's stabilize fixes it.
+            let _ = call(node, net, &p.addr, RingRequest::Notify { vnode: p.id, candidate: me_c, as_successor: true }, now_ms).await;
+        }
+    }
+    Ok(())
+}
+
+/// Lookup for a joining node: through the bootstrap peer, but answering calls to our
+/// own address locally (our earlier vnodes are already in the ring).
+async fn lookup_via_node<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    bootstrap: &A,
+    key: Id,
+    now_ms: u64,
+) -> Result<Found<A>, LookupError> {
+    let (l, step) = Lookup::from_addrs(key, vec![bootstrap.clone()]);
+    run_lookup(Some(node), net, l, step, now_ms).await
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// Chord stabilize for one vnode: ask the first live successor for its predecessor and
+/// successor list, adopt a closer successor if one appeared, then notify it.
+pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, vnode: Id, now_ms: u64) {
+    let (me, max_tries) = {
+        let n = node.lock();
+        (n.addr.clone(), n.config.successor_list_len + 1)
+    };
+    for _ in 0..max_tries {
+        let Some(succ) = node.lock().first_successor(vnode) else {
+            adopt_predecessor_as_successor(node, vnode);
+            return;
+        };
+        match call(node, net, &succ.addr, RingRequest::Neighbors { vnode: succ.id }, now_ms).await {
+            Ok(RingResponse::Neighbors(info)) if info.vnode_exists => {
+                let first = node.lock().apply_stabilize(vnode, &succ, &info);
+                if let Some(first) = first {
+                    let cand = Contact { id: vnode, addr: me.clone() };
+                    let req = RingRequest::Notify { vnode: first.id, candidate: cand, as_successor: false };
+                    if call(node, net, &first.addr, req, now_ms).await.is_err() {
+                        node.lock().forget_addr(&first.addr);
+                    }
+                }
+                return;
+            }
+            Ok(_) => {
+                // That vnode is gone (its peer left or changed identity): drop just it.
+                if let Some(v) = node.lock().vnode_mut(vnode) {
+                    v.succ.retain(|s| s.id != succ.id);
+                }
+            }
+            Err(_) => node.lock().forget_addr(&succ.addr),
+        }
+    }
+}
+
+/// With every successor gone, the predecessor is the best pointer left; stabilize then
+/// walks forward from it.
+fn adopt_predecessor_as_successor<A: Addr>(node: &Mutex<Node<A>>, vnode: Id) {
+    let mut n = node.lock();
+    let r = n.config.successor_list_len;
+    let fallback: Vec<Contact<A>> = {
+        let me_v = n.vnode(vnode);
+        let mut c: Vec<Contact<A>> = me_v.map(|v| v.fingers.clone()).unwrap_or_default();
+        if let Some(p) = me_v.and_then(|v| v.pred.clone()) {
+            c.push(p);
+        }
+        c
+    };
+    if let Some(v) = n.vnode_mut(vnode) {
+        v.set_successors(fallback, r);
+    }
+}
+
+/// Chord check_predecessor: forget a predecessor that does not answer.
+pub async fn check_predecessor<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, vnode: Id, now_ms: u64) {
+    let Some(pred) = node.lock().vnode(vnode).and_then(|v| v.pred.clone()) else { return };
+    match call(node, net, &pred.addr, RingRequest::Neighbors { vnode: pred.id }, now_ms).await {
+        Ok(RingResponse::Neighbors(info)) if info.vnode_exists => {
+            if let Some(v) = node.lock().vnode_mut(vnode) {
+                v.pred_seen_ms = now_ms;
+            }
+        }
+        _ => {
+            if let Some(v) = node.lock().vnode_mut(vnode) {
+                if v.pred.as_ref().is_some_and(|p| p.id == pred.id) {
+                    v.pred = None;
+                }
+            }
+        }
+    }
+}
+
+/// Chord fix_fingers: refresh `count` finger exponents of one vnode, round robin.
+pub async fn fix_fingers<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    vnode: Id,
+    count: usize,
+    now_ms: u64,
+) {
+    for _ in 0..count {
+        let exp = {
+            let mut n = node.lock();
+            let Some(v) = n.vnode_mut(vnode) else { return };
+            let floor = v.finger_floor();
+            if v.next_finger_exp < floor || v.next_finger_exp > 159 {
+                v.next_finger_exp = 159;
+            }
+            let e = v.next_finger_exp;
+            v.next_finger_exp = if e <= floor { 159 } else { e - 1 };
+            e
+        };
+        let target = vnode.wrapping_add(Id::pow2(exp));
+        if let Ok(found) = lookup(node, net, target, now_ms).await {
+            if let Some(v) = node.lock().vnode_mut(vnode) {
+                v.set_finger(exp, found.owner);
+            }
+        }
+    }
+}
+
+/// How many finger exponents a vnode currently keeps (for a full refresh).
+pub fn finger_span<A: Addr>(node: &Mutex<Node<A>>, vnode: Id) -> usize {
+    node.lock().vnode(vnode).map(|v| 160 - v.finger_floor() as usize).unwrap_or(0)
+}
+
+/// One maintenance round for every vnode of a peer.
+pub async fn maintain<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, fingers_per_vnode: usize, now_ms: u64) {
+    let ids = node.lock().vnode_ids();
+    for id in &ids {
+        check_predecessor(node, net, *id, now_ms).await;
+        stabilize(node, net, *id, now_ms).await;
+    }
+    for id in &ids {
+        fix_fingers(node, net, *id, fingers_per_vnode, now_ms).await;
+    }
+}
+
+/// Leaves cleanly: each vnode's neighbours are told to splice it out.
+pub async fn leave<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T) {
+    let vnodes: Vec<(Contact<A>, Option<Contact<A>>, Vec<Contact<A>>)> = {
+        let n = node.lock();
+        n.vnodes.iter().map(|v| (n.contact(v.id), v.pred.clone(), v.succ.clone())).collect()
+    };
+    let me = node.lock().addr.clone();
+    for (c, pred, succ) in vnodes {
+        let others: Vec<Contact<A>> = succ.iter().filter(|s| s.addr != me).cloned().collect();
+        if let Some(s) = others.first() {
+            let req = RingRequest::Leave { vnode: s.id, leaving: c.clone(), new_pred: pred.clone(), new_succ: Vec::new() };
+            let _ = net.call(&s.addr, req).await;
+        }
+        if let Some(p) = pred.filter(|p| p.addr != me) {
+            let req = RingRequest::Leave { vnode: p.id, leaving: c.clone(), new_pred: None, new_succ: others };
+            let _ = net.call(&p.addr, req).await;
+        }
+    }
+}

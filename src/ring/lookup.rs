@@ -1,0 +1,119 @@
+//! Iterative lookup: the caller asks peer after peer for the next hop toward a key,
+//! keeping the candidates it has been told about so a dead or slow hop is skipped.
+//!
+//! Owns: the lookup state machine (which contact to ask next, when it is done, when it
+//! gives up). Never does I/O: the driver performs each request and feeds the answer back.
+
+use super::id::Id;
+use super::msg::{Contact, Route};
+use super::node::Addr;
+use std::collections::HashSet;
+
+/// Bound on routing steps: Chord needs O(log N); anything past this is a routing loop.
+pub const MAX_LOOKUP_HOPS: u32 = 64;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Found<A> {
+    pub owner: Contact<A>,
+    pub successors: Vec<Contact<A>>,
+    /// Remote FindNext calls it took (0 when the asking peer knew the answer itself).
+    pub hops: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("lookup of {key} failed: no reachable peer knows a route ({tried} peers tried)")]
+    Unreachable { key: String, tried: usize },
+    #[error("lookup of {key} exceeded {MAX_LOOKUP_HOPS} hops")]
+    TooManyHops { key: String },
+}
+
+pub enum Step<A> {
+    /// Ask this peer FindNext(key).
+    Ask(A),
+    Done(Found<A>),
+    Failed(LookupError),
+}
+
+pub struct Lookup<A> {
+    key: Id,
+    /// Candidates not yet asked, closest preceding the key last (popped first).
+    frontier: Vec<Contact<A>>,
+    /// Addresses with no id yet (a bootstrap address), asked before the frontier.
+    start_addrs: Vec<A>,
+    asked: HashSet<A>,
+    hops: u32,
+}
+
+impl<A: Addr> Lookup<A> {
+    /// A lookup that begins with the answer of the asking peer's own routing table.
+    pub fn from_route(key: Id, own: A, route: Route<A>) -> (Lookup<A>, Step<A>) {
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: HashSet::new(), hops: 0 };
+        l.asked.insert(own);
+        let step = l.absorb(route, false);
+        (l, step)
+    }
+
+    /// A lookup by a process that is not (yet) in the ring: it starts at known peers.
+    pub fn from_addrs(key: Id, addrs: Vec<A>) -> (Lookup<A>, Step<A>) {
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), hops: 0 };
+        l.start_addrs.reverse();
+        let step = l.next_step();
+        (l, step)
+    }
+
+    pub fn key(&self) -> Id {
+        self.key
+    }
+
+    /// The asked peer answered.
+    pub fn on_route(&mut self, route: Route<A>) -> Step<A> {
+        self.hops += 1;
+        self.absorb(route, true)
+    }
+
+    /// The asked peer failed to answer (dead, timed out, refused): try the next candidate.
+    pub fn on_failure(&mut self) -> Step<A> {
+        self.next_step()
+    }
+
+    fn absorb(&mut self, route: Route<A>, remote: bool) -> Step<A> {
+        match route {
+            Route::Found { owner, successors } => {
+                Step::Done(Found { owner, successors, hops: if remote { self.hops } else { 0 } })
+            }
+            Route::Next(list) => {
+                let key = self.key;
+                for c in list {
+                    if self.asked.contains(&c.addr) {
+                        continue;
+                    }
+                    // One entry per peer: the contact closest before the key decides when
+                    // that peer is asked (it answers for all its vnodes anyway).
+                    match self.frontier.iter_mut().find(|f| f.addr == c.addr) {
+                        Some(f) if c.id.distance_to(key) < f.id.distance_to(key) => *f = c,
+                        Some(_) => {}
+                        None => self.frontier.push(c),
+                    }
+                }
+                // Farthest from the key first, so pop() yields the closest preceding contact.
+                self.frontier.sort_by_key(|c| std::cmp::Reverse(c.id.distance_to(key)));
+                self.next_step()
+            }
+        }
+    }
+
+    fn next_step(&mut self) -> Step<A> {
+        while let Some(a) = self.start_addrs.pop() {
+            if self.asked.insert(a.clone()) {
+                return Step::Ask(a);
+            }
+        }
+        while let Some(c) = self.frontier.pop() {
+            if self.asked.insert(c.addr.clone()) {
+                return Step::Ask(c.addr);
+            }
+        }
+        Step::Failed(LookupError::Unreachable { key: self.key.to_hex(), tried: self.asked.len() })
+    }
+}

@@ -1,0 +1,60 @@
+//! Ring messages as domain types. The rpc module converts them to and from protobuf;
+//! the in-memory network passes them as they are.
+
+use super::id::Id;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Contact<A> {
+    /// The vnode's position on the ring.
+    pub id: Id,
+    /// The peer that runs it.
+    pub addr: A,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Route<A> {
+    /// `owner` owns the key; `successors` follow it on the ring (closest first).
+    Found { owner: Contact<A>, successors: Vec<Contact<A>> },
+    /// Ask one of these next, best (closest preceding the key) first.
+    Next(Vec<Contact<A>>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeighborsInfo<A> {
+    pub vnode_exists: bool,
+    pub pred: Option<Contact<A>>,
+    pub succ: Vec<Contact<A>>,
+    pub peer_capacity_bytes: u64,
+    pub peer_share: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RingRequest<A> {
+    FindNext { key: Id },
+    Neighbors { vnode: Id },
+    Notify { vnode: Id, candidate: Contact<A>, as_successor: bool },
+    Fingers { vnode: Id },
+    Leave { vnode: Id, leaving: Contact<A>, new_pred: Option<Contact<A>>, new_succ: Vec<Contact<A>> },
+    Ping,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RingResponse<A> {
+    Route(Route<A>),
+    Neighbors(NeighborsInfo<A>),
+    Notified(bool),
+    Fingers(Vec<Contact<A>>),
+    Ok,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetError {
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    #[error("call timed out after {0} ms")]
+    Timeout(u64),
+    #[error("peer refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
+}

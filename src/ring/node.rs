@@ -1,0 +1,388 @@
+//! The Chord state of one physical peer: its virtual nodes, each with a predecessor,
+//! a successor list and a finger table, and the pure handlers that answer ring requests.
+//!
+//! Owns: routing decisions (which contact is closest to a key), the successor-list and
+//! finger bookkeeping, and the answers to FindNext / Neighbors / Notify / Fingers / Leave.
+//! Never does I/O and never reads a clock: callers pass `now_ms` and carry messages
+//! (the gRPC peer, the in-memory test network and the simulation all drive this code).
+
+use super::id::Id;
+use super::msg::{Contact, NeighborsInfo, RingRequest, RingResponse, Route};
+use std::fmt::Debug;
+use std::hash::Hash;
+
+/// How many of a peer's own vnodes (those closest before a key) routing consults.
+const ROUTE_VNODES: usize = 4;
+
+/// What a peer address must support: cheap to clone, comparable, printable.
+pub trait Addr: Clone + Eq + Hash + Debug + Send + Sync + 'static {}
+impl<T: Clone + Eq + Hash + Debug + Send + Sync + 'static> Addr for T {}
+
+#[derive(Clone, Debug)]
+pub struct RingConfig {
+    /// r in Chord: how many successors each vnode remembers. O(log N); the simulation
+    /// sets it from the ring size, peers use the default.
+    pub successor_list_len: usize,
+    /// How many alternative next hops a FindNext answer carries, for failover.
+    pub next_hop_alternatives: usize,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig { successor_list_len: 16, next_hop_alternatives: 3 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Vnode<A> {
+    pub id: Id,
+    pub pred: Option<Contact<A>>,
+    /// Closest first; may name other vnodes of this same peer.
+    pub succ: Vec<Contact<A>>,
+    /// Distinct finger contacts sorted by clockwise distance from `id`; at most one per
+    /// exponent range [id + 2^e, id + 2^(e+1)).
+    pub fingers: Vec<Contact<A>>,
+    /// Next exponent fix_fingers refreshes (round robin from 159 down).
+    pub next_finger_exp: u32,
+    /// When the predecessor last answered (check_predecessor).
+    pub pred_seen_ms: u64,
+}
+
+impl<A: Addr> Vnode<A> {
+    pub fn new(id: Id) -> Self {
+        Vnode { id, pred: None, succ: Vec::new(), fingers: Vec::new(), next_finger_exp: 159, pred_seen_ms: 0 }
+    }
+
+    /// Fraction of the ring this vnode owns: (pred, id]. Unknown predecessor counts as 0.
+    pub fn arc_fraction(&self) -> f64 {
+        match &self.pred {
+            Some(p) if p.id == self.id => 1.0,
+            Some(p) => p.id.distance_to(self.id).as_fraction(),
+            None => 0.0,
+        }
+    }
+
+    fn dist(&self, to: Id) -> Id {
+        self.id.distance_to(to)
+    }
+
+    /// The finger or successor-list entry closest before `key` (strictly preceding it),
+    /// found by binary search since both lists are sorted by distance from `id`.
+    fn closest_preceding(&self, key: Id) -> Option<&Contact<A>> {
+        let dk = self.dist(key);
+        let pick = |list: &'_ [Contact<A>]| -> Option<usize> {
+            let n = list.partition_point(|c| self.dist(c.id) < dk && c.id != self.id);
+            n.checked_sub(1)
+        };
+        let f = pick(&self.fingers).map(|i| &self.fingers[i]);
+        let s = pick(&self.succ).map(|i| &self.succ[i]);
+        match (f, s) {
+            (Some(a), Some(b)) => Some(if self.dist(a.id) >= self.dist(b.id) { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Record `c` as the answer for finger exponent `exp`: entries in that exponent's range
+    /// other than `c` are dropped (they are either gone or not fingers).
+    pub fn set_finger(&mut self, exp: u32, c: Contact<A>) {
+        let start = self.id.wrapping_add(Id::pow2(exp));
+        let end = if exp == 159 { self.id } else { self.id.wrapping_add(Id::pow2(exp + 1)) };
+        let (ds, de) = (self.dist(start), if exp == 159 { Id::MAX } else { self.dist(end) });
+        let id = self.id;
+        self.fingers.retain(|f| {
+            let d = id.distance_to(f.id);
+            !(d >= ds && d < de) || f.id == c.id
+        });
+        if c.id == self.id {
+            return;
+        }
+        let dc = self.dist(c.id);
+        match self.fingers.binary_search_by(|f| id.distance_to(f.id).cmp(&dc)) {
+            Ok(i) => self.fingers[i] = c,
+            Err(i) => self.fingers.insert(i, c),
+        }
+    }
+
+    /// Adopts another vnode's fingers as hints (a joiner copies its successor's); wrong
+    /// ones are replaced as fix_fingers visits each exponent.
+    pub fn seed_fingers(&mut self, hints: Vec<Contact<A>>) {
+        let id = self.id;
+        let mut list: Vec<Contact<A>> = hints.into_iter().filter(|c| c.id != id).collect();
+        list.sort_by_key(|c| id.distance_to(c.id));
+        list.dedup_by(|a, b| a.id == b.id);
+        list.truncate(160);
+        self.fingers = list;
+    }
+
+    /// The lowest exponent worth a finger: below it, id + 2^e falls before the first
+    /// successor, which the successor list already covers.
+    pub fn finger_floor(&self) -> u32 {
+        match self.succ.first() {
+            Some(s) if s.id != self.id => self.dist(s.id).log2().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Sets the successor list, sorted by distance, deduplicated, without ourselves, at most `r`.
+    pub fn set_successors(&mut self, mut list: Vec<Contact<A>>, r: usize) {
+        let id = self.id;
+        list.retain(|c| c.id != id);
+        list.sort_by_key(|c| id.distance_to(c.id));
+        list.dedup_by(|a, b| a.id == b.id);
+        list.truncate(r);
+        self.succ = list;
+    }
+}
+
+/// The ring state of one physical peer.
+#[derive(Clone, Debug)]
+pub struct Node<A> {
+    pub addr: A,
+    pub peer_id: Id,
+    pub capacity_bytes: u64,
+    pub config: RingConfig,
+    /// Sorted by id.
+    pub vnodes: Vec<Vnode<A>>,
+}
+
+impl<A: Addr> Node<A> {
+    pub fn new(addr: A, peer_id: Id, capacity_bytes: u64, vnode_ids: &[Id], config: RingConfig) -> Self {
+        let mut vnodes: Vec<Vnode<A>> = vnode_ids.iter().map(|&id| Vnode::new(id)).collect();
+        vnodes.sort_by_key(|v| v.id);
+        vnodes.dedup_by_key(|v| v.id);
+        Node { addr, peer_id, capacity_bytes, config, vnodes }
+    }
+
+    /// A ring of one: every vnode's successors and predecessor are our own vnodes.
+    pub fn create_ring(&mut self) {
+        let contacts: Vec<Contact<A>> = self.vnodes.iter().map(|v| self.contact(v.id)).collect();
+        let n = contacts.len();
+        let r = self.config.successor_list_len;
+        for (i, v) in self.vnodes.iter_mut().enumerate() {
+            v.pred = Some(contacts[(i + n - 1) % n].clone());
+            let list: Vec<Contact<A>> = (1..=n.min(r)).map(|k| contacts[(i + k) % n].clone()).collect();
+            v.set_successors(list, r);
+            if n == 1 {
+                v.pred = Some(contacts[0].clone());
+            }
+        }
+    }
+
+    pub fn contact(&self, vnode_id: Id) -> Contact<A> {
+        Contact { id: vnode_id, addr: self.addr.clone() }
+    }
+
+    pub fn vnode(&self, id: Id) -> Option<&Vnode<A>> {
+        self.vnodes.binary_search_by_key(&id, |v| v.id).ok().map(|i| &self.vnodes[i])
+    }
+
+    pub fn vnode_mut(&mut self, id: Id) -> Option<&mut Vnode<A>> {
+        self.vnodes.binary_search_by_key(&id, |v| v.id).ok().map(move |i| &mut self.vnodes[i])
+    }
+
+    pub fn vnode_ids(&self) -> Vec<Id> {
+        self.vnodes.iter().map(|v| v.id).collect()
+    }
+
+    /// Fraction of the keyspace this peer owns, by its vnodes' arcs.
+    pub fn keyspace_share(&self) -> f64 {
+        self.vnodes.iter().map(|v| v.arc_fraction()).sum::<f64>().min(1.0)
+    }
+
+    /// Our own vnode that is the first at or after `key`, with the distance to it.
+    fn own_successor(&self, key: Id) -> Option<&Vnode<A>> {
+        if self.vnodes.is_empty() {
+            return None;
+        }
+        let i = self.vnodes.partition_point(|v| v.id < key);
+        Some(&self.vnodes[i % self.vnodes.len()])
+    }
+
+    /// One routing step for `key`: either the owner (if this peer can tell) or the
+    /// closest preceding contacts it knows, best first, for the caller to ask next.
+    pub fn route(&self, key: Id) -> Route<A> {
+        if let Some(s) = self.own_successor(key) {
+            if let Some(p) = &s.pred {
+                if key.in_open_closed(p.id, s.id) {
+                    return Route::Found { owner: self.contact(s.id), successors: s.succ.clone() };
+                }
+            }
+        }
+        // The own vnode closest before the key is the only one whose successor can own
+        // it; it and the few own vnodes before it hold the fingers that reach closest
+        // to the key (fingers of farther vnodes halve a longer distance).
+        let n = self.vnodes.len();
+        let mut candidates: Vec<Contact<A>> = Vec::with_capacity(ROUTE_VNODES * 2);
+        if n > 0 {
+            let after = self.vnodes.partition_point(|v| v.id < key);
+            let closest = (after + n - 1) % n;
+            for k in 0..ROUTE_VNODES.min(n) {
+                let v = &self.vnodes[(closest + n - k) % n];
+                if let Some(first) = v.succ.first() {
+                    if key.in_open_closed(v.id, first.id) {
+                        return Route::Found { owner: first.clone(), successors: v.succ[1..].to_vec() };
+                    }
+                }
+                if let Some(c) = v.closest_preceding(key) {
+                    candidates.push(c.clone());
+                }
+            }
+        }
+        if candidates.is_empty() {
+            // Alone (or not yet joined): the nearest own vnode is the best answer there is.
+            return match self.own_successor(key) {
+                Some(s) => Route::Found { owner: self.contact(s.id), successors: s.succ.clone() },
+                None => Route::Next(Vec::new()),
+            };
+        }
+        candidates.sort_by_key(|c| c.id.distance_to(key));
+        let mut next: Vec<Contact<A>> = Vec::with_capacity(self.config.next_hop_alternatives);
+        for c in candidates {
+            if c.addr != self.addr && !next.iter().any(|n| n.addr == c.addr) {
+                next.push(c);
+                if next.len() == self.config.next_hop_alternatives {
+                    break;
+                }
+            }
+        }
+        Route::Next(next)
+    }
+
+    pub fn neighbors(&self, vnode_id: Id) -> NeighborsInfo<A> {
+        match self.vnode(vnode_id) {
+            Some(v) => NeighborsInfo {
+                vnode_exists: true,
+                pred: v.pred.clone(),
+                succ: v.succ.clone(),
+                peer_capacity_bytes: self.capacity_bytes,
+                peer_share: self.keyspace_share(),
+            },
+            None => NeighborsInfo {
+                vnode_exists: false,
+                pred: None,
+                succ: Vec::new(),
+                peer_capacity_bytes: self.capacity_bytes,
+                peer_share: self.keyspace_share(),
+            },
+        }
+    }
+
+    /// Chord notify: `candidate` thinks it may be our predecessor (or, with
+    /// `as_successor`, our successor: a joiner announcing itself to the vnode before it).
+    pub fn notify(&mut self, vnode_id: Id, candidate: Contact<A>, as_successor: bool, now_ms: u64) -> bool {
+        let r = self.config.successor_list_len;
+        let Some(v) = self.vnode_mut(vnode_id) else { return false };
+        if candidate.id == v.id {
+            return false;
+        }
+        if as_successor {
+            let closer = match v.succ.first() {
+                Some(s) => candidate.id.in_open_open(v.id, s.id),
+                None => true,
+            };
+            if closer {
+                let mut list = vec![candidate];
+                list.extend(v.succ.iter().cloned());
+                v.set_successors(list, r);
+            }
+            return closer;
+        }
+        let accept = match &v.pred {
+            None => true,
+            Some(p) if p.id == v.id => true,
+            Some(p) => candidate.id.in_open_open(p.id, v.id),
+        };
+        if accept {
+            v.pred = Some(candidate);
+            v.pred_seen_ms = now_ms;
+        }
+        accept
+    }
+
+    pub fn fingers_of(&self, vnode_id: Id) -> Vec<Contact<A>> {
+        self.vnode(vnode_id).map(|v| v.fingers.clone()).unwrap_or_default()
+    }
+
+    /// A neighbour leaves cleanly: splice it out of our pointers.
+    pub fn handle_leave(
+        &mut self,
+        vnode_id: Id,
+        leaving: &Contact<A>,
+        new_pred: Option<Contact<A>>,
+        new_succ: Vec<Contact<A>>,
+        now_ms: u64,
+    ) {
+        let r = self.config.successor_list_len;
+        let Some(v) = self.vnode_mut(vnode_id) else { return };
+        if v.pred.as_ref().is_some_and(|p| p.id == leaving.id) {
+            v.pred = new_pred.filter(|p| p.id != leaving.id);
+            v.pred_seen_ms = now_ms;
+        }
+        if v.succ.iter().any(|s| s.id == leaving.id) {
+            let mut list: Vec<Contact<A>> = v.succ.iter().filter(|s| s.id != leaving.id).cloned().collect();
+            list.extend(new_succ.into_iter().filter(|s| s.id != leaving.id));
+            v.set_successors(list, r);
+        }
+        v.fingers.retain(|f| f.id != leaving.id);
+    }
+
+    /// Drops every pointer to a peer that failed to answer. Stabilization re-learns it if
+    /// it was only slow.
+    pub fn forget_addr(&mut self, addr: &A) {
+        for v in &mut self.vnodes {
+            if v.pred.as_ref().is_some_and(|p| &p.addr == addr) {
+                v.pred = None;
+            }
+            v.succ.retain(|s| &s.addr != addr);
+            v.fingers.retain(|f| &f.addr != addr);
+        }
+    }
+
+    /// Stabilize, second half: our first successor told us its predecessor `x` and its
+    /// successor list. Returns the successor to notify.
+    pub fn apply_stabilize(&mut self, vnode_id: Id, succ: &Contact<A>, info: &NeighborsInfo<A>) -> Option<Contact<A>> {
+        let r = self.config.successor_list_len;
+        let me = self.contact(vnode_id);
+        let v = self.vnode_mut(vnode_id)?;
+        let mut first = succ.clone();
+        if let Some(x) = &info.pred {
+            if x.id.in_open_open(v.id, succ.id) && x.id != v.id {
+                first = x.clone();
+            }
+        }
+        let mut list = vec![first.clone()];
+        if first.id == succ.id {
+            list.extend(info.succ.iter().cloned());
+        } else {
+            list.push(succ.clone());
+            list.extend(info.succ.iter().cloned());
+        }
+        // Our own successor list is the successor's list shifted by one: entries that
+        // wrapped around past us are dropped by set_successors' distance sort + truncate.
+        list.retain(|c| c.id != me.id);
+        v.set_successors(list, r);
+        v.succ.first().cloned()
+    }
+
+    /// The first successor of a vnode, if any, that is not this vnode itself.
+    pub fn first_successor(&self, vnode_id: Id) -> Option<Contact<A>> {
+        self.vnode(vnode_id).and_then(|v| v.succ.first().cloned())
+    }
+
+    /// Answers one ring request.
+    pub fn handle(&mut self, req: RingRequest<A>, now_ms: u64) -> RingResponse<A> {
+        match req {
+            RingRequest::FindNext { key } => RingResponse::Route(self.route(key)),
+            RingRequest::Neighbors { vnode } => RingResponse::Neighbors(self.neighbors(vnode)),
+            RingRequest::Notify { vnode, candidate, as_successor } => {
+                RingResponse::Notified(self.notify(vnode, candidate, as_successor, now_ms))
+            }
+            RingRequest::Fingers { vnode } => RingResponse::Fingers(self.fingers_of(vnode)),
+            RingRequest::Leave { vnode, leaving, new_pred, new_succ } => {
+                self.handle_leave(vnode, &leaving, new_pred, new_succ, now_ms);
+                RingResponse::Ok
+            }
+            RingRequest::Ping => RingResponse::Ok,
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The ring simulation: thousands of peers running the real ring code (node, driver,
+//! vnode placement) over the in-memory network, checked against an oracle.
+//!
+//! Owns: the experiment (who joins when, what fails, which lookups are checked) and its
+//! figures. The oracle (a sorted map of live vnodes) is used only to judge answers,
+//! never to produce them.
+
+use super::net::{run_ready, SimAddr, SimNet};
+use crate::ring::driver;
+use crate::ring::vnode_position::{choose_positions, first_peer_positions, vnode_count};
+use crate::ring::{Id, Node, RingConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub peers: usize,
+    /// Fraction of peers that vanish at once after the ring has formed.
+    pub fail_fraction: f64,
+    pub lookups: usize,
+    pub seed: u64,
+    /// Capacity range in GiB: each peer draws uniformly from it (the 1x..10x).
+    pub min_capacity_gib: f64,
+    pub max_capacity_gib: f64,
+    /// Maintenance rounds run whenever the ring has grown by this factor.
+    pub maintenance_growth: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            peers: 1000,
+            fail_fraction: 0.0,
+            lookups: 10_000,
+            seed: 1,
+            min_capacity_gib: 1.0,
+            max_capacity_gib: 10.0,
+            maintenance_growth: 1.25,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SimReport {
+    pub peers: usize,
+    pub vnodes_total: usize,
+    pub successor_list_len: usize,
+    pub lookups: usize,
+    pub hops_mean: f64,
+    pub hops_p99: u32,
+    pub hops_max: u32,
+    pub failed_lookups: usize,
+    pub load_max_over_fair: f64,
+    pub load_min_over_fair: f64,
+    pub fail_fraction: f64,
+    pub peers_failed: usize,
+    pub failed_lookups_after_fail: usize,
+    pub hops_mean_after_fail: f64,
+    pub load_max_over_fair_after_fail: f64,
+    pub load_min_over_fair_after_fail: f64,
+    pub messages_total: u64,
+    pub seed: u64,
+    pub seconds: f64,
+}
+
+pub fn successor_list_len_for(peers: usize) -> usize {
+    let log = (peers.max(2) as f64).log2().ceil() as usize;
+    (2 * log).clamp(8, 48)
+}
+
+struct Oracle {
+    /// Live vnode id -> peer.
+    ring: BTreeMap<Id, SimAddr>,
+}
+
+impl Oracle {
+    fn build(net: &SimNet) -> Oracle {
+        let mut ring = BTreeMap::new();
+        for a in net.alive_addrs() {
+            for id in net.node(a).lock().vnode_ids() {
+                ring.insert(id, a);
+            }
+        }
+        Oracle { ring }
+    }
+
+    fn owner(&self, key: Id) -> Option<Id> {
+        self.ring.range(key..).next().or_else(|| self.ring.iter().next()).map(|(id, _)| *id)
+    }
+
+    /// (min, max) over live peers of owned share / capacity share.
+    fn load(&self, net: &SimNet) -> (f64, f64) {
+        let mut share: BTreeMap<SimAddr, f64> = BTreeMap::new();
+        let ids: Vec<(Id, SimAddr)> = self.ring.iter().map(|(a, b)| (*a, *b)).collect();
+        for (i, (id, p)) in ids.iter().enumerate() {
+            let pred = ids[(i + ids.len() - 1) % ids.len()].0;
+            let arc = if ids.len() == 1 { 1.0 } else { pred.distance_to(*id).as_fraction() };
+            *share.entry(*p).or_default() += arc;
+        }
+        let caps: BTreeMap<SimAddr, f64> =
+            share.keys().map(|&a| (a, net.node(a).lock().capacity_bytes as f64)).collect();
+        let total: f64 = caps.values().sum();
+        let mut min = f64::INFINITY;
+        let mut max: f64 = 0.0;
+        for (a, s) in &share {
+            let r = s / (caps[a] / total);
+            min = min.min(r);
+            max = max.max(r);
+        }
+        (min, max)
+    }
+}
+
+fn maintenance_round(net: &SimNet, fingers_per_vnode: Option<usize>) {
+    for a in net.alive_addrs() {
+        let node = net.node(a).clone();
+        let ep = net.endpoint(a);
+        let ids = node.lock().vnode_ids();
+        for id in &ids {
+            run_ready(driver::check_predecessor(&node, &ep, *id, net.now_ms));
+            run_ready(driver::stabilize(&node, &ep, *id, net.now_ms));
+        }
+        for id in &ids {
+            let count = fingers_per_vnode.unwrap_or_else(|| driver::finger_span(&node, *id));
+            run_ready(driver::fix_fingers(&node, &ep, *id, count, net.now_ms));
+        }
+    }
+}
+
+/// Stabilize-only round (no finger work): cheap, repairs successor lists and predecessors.
+fn stabilize_round(net: &SimNet) {
+    for a in net.alive_addrs() {
+        let node = net.node(a).clone();
+        let ep = net.endpoint(a);
+        for id in node.lock().vnode_ids() {
+            run_ready(driver::check_predecessor(&node, &ep, id, net.now_ms));
+            run_ready(driver::stabilize(&node, &ep, id, net.now_ms));
+        }
+    }
+}
+
+struct LookupStats {
+    failed: usize,
+    hops: Vec<u32>,
+}
+
+fn check_lookups<R: Rng>(net: &SimNet, oracle: &Oracle, count: usize, rng: &mut R) -> LookupStats {
+    let alive = net.alive_addrs();
+    let mut stats = LookupStats { failed: 0, hops: Vec::with_capacity(count) };
+    for _ in 0..count {
+        let origin = alive[rng.gen_range(0..alive.len())];
+        let key = Id::from_fraction(rng.gen());
+        let node = net.node(origin).clone();
+        match run_ready(driver::lookup(&node, &net.endpoint(origin), key, net.now_ms)) {
+            Ok(found) if Some(found.owner.id) == oracle.owner(key) && net.is_alive(found.owner.addr) => {
+                stats.hops.push(found.hops)
+            }
+            _ => stats.failed += 1,
+        }
+    }
+    stats
+}
+
+fn mean_p99_max(h: &[u32]) -> (f64, u32, u32) {
+    if h.is_empty() {
+        return (0.0, 0, 0);
+    }
+    let mut s = h.to_vec();
+    s.sort_unstable();
+    let mean = s.iter().map(|&x| x as f64).sum::<f64>() / s.len() as f64;
+    let p99 = s[((s.len() as f64 * 0.99).ceil() as usize).saturating_sub(1).min(s.len() - 1)];
+    (mean, p99, *s.last().expect("non-empty"))
+}
+
+/// Builds a ring of `cfg.peers` by joining them one at a time, checks it, fails a
+/// fraction of it, lets it stabilize, and checks it again.
+pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut net = SimNet::new(cfg.seed ^ 0x5eed);
+    let r = successor_list_len_for(cfg.peers);
+    let config = RingConfig { successor_list_len: r, ..RingConfig::default() };
+    let gib = (1u64 << 30) as f64;
+    let mut next_maintenance = 8usize;
+    for i in 0..cfg.peers {
+        let cap = (rng.gen_range(cfg.min_capacity_gib..=cfg.max_capacity_gib) * gib) as u64;
+        let n = vnode_count(cap);
+        let peer_id = Id::sha1(format!("sim-peer-{}-{i}", cfg.seed).as_bytes());
+        let addr = i as SimAddr;
+        if i == 0 {
+            let ids = first_peer_positions(n, &mut rng);
+            let mut node = Node::new(addr, peer_id, cap, &ids, config.clone());
+            node.create_ring();
+            net.add(node);
+            continue;
+        }
+        let bootstrap = rng.gen_range(0..i) as SimAddr;
+        let samples = run_ready(driver::sample_ring(&net.client(), &bootstrap, &mut rng)).unwrap_or_default();
+        let ids = choose_positions(&samples, cap, n, &mut rng);
+        net.add(Node::new(addr, peer_id, cap, &ids, config.clone()));
+        let node = net.node(addr).clone();
+        if let Err(e) = run_ready(driver::join(&node, &net.endpoint(addr), &bootstrap, net.now_ms)) {
+            progress(&format!("join of peer {i} failed: {e}"));
+        }
+        if std::env::var("MS_TRACE").is_ok() {
+            let o = Oracle::build(&net);
+            let ids: Vec<Id> = o.ring.keys().cloned().collect();
+            let mut bad = 0;
+            for (k, id) in ids.iter().enumerate() {
+                let want = ids[(k + 1) % ids.len()];
+                let p = o.ring[id];
+                let got = net.node(p).lock().vnode(*id).and_then(|v| v.succ.first().map(|c| c.id));
+                if got != Some(want) { bad += 1; if bad < 3 { eprintln!("after join {i}: vnode {id:?} of {p} succ {got:?} want {want:?} (owner {})", o.ring[&want]); } }
+            }
+            if bad > 0 { eprintln!("after join {i}: {bad} wrong successors; joiner vnodes {:?}", node.lock().vnode_ids()); panic!("stop"); }
+        }
+        if i + 1 >= next_maintenance {
+            net.now_ms += 1000;
+            maintenance_round(&net, Some(2));
+            next_maintenance = ((next_maintenance as f64) * cfg.maintenance_growth).ceil() as usize + 1;
+            progress(&format!("{} peers joined, {:.0} s", i + 1, started.elapsed().as_secs_f64()));
+        }
+    }
+    net.now_ms += 1000;
+    stabilize_round(&net);
+    maintenance_round(&net, None);
+    progress(&format!("ring formed and fingers fixed, {:.0} s", started.elapsed().as_secs_f64()));
+
+    let oracle = Oracle::build(&net);
+    let vnodes_total = oracle.ring.len();
+    let (load_min, load_max) = oracle.load(&net);
+    let before = check_lookups(&net, &oracle, cfg.lookups, &mut rng);
+    let (hops_mean, hops_p99, hops_max) = mean_p99_max(&before.hops);
+    progress(&format!("{} lookups checked, {:.0} s", cfg.lookups, started.elapsed().as_secs_f64()));
+
+    let mut report = SimReport {
+        peers: cfg.peers,
+        vnodes_total,
+        successor_list_len: r,
+        lookups: cfg.lookups,
+        hops_mean,
+        hops_p99,
+        hops_max,
+        failed_lookups: before.failed,
+        load_max_over_fair: load_max,
+        load_min_over_fair: load_min,
+        fail_fraction: cfg.fail_fraction,
+        peers_failed: 0,
+        failed_lookups_after_fail: 0,
+        hops_mean_after_fail: 0.0,
+        load_max_over_fair_after_fail: load_max,
+        load_min_over_fair_after_fail: load_min,
+        messages_total: 0,
+        seed: cfg.seed,
+        seconds: 0.0,
+    };
+
+    let kill = ((cfg.peers as f64) * cfg.fail_fraction).floor() as usize;
+    if kill > 0 && kill < cfg.peers {
+        let mut addrs: Vec<SimAddr> = (0..cfg.peers as SimAddr).collect();
+        for k in 0..kill {
+            let j = rng.gen_range(k..addrs.len());
+            addrs.swap(k, j);
+            net.kill(addrs[k]);
+        }
+        // Stabilization after the failure: successor lists and predecessors first (two
+        // rounds let notify settle), then every finger is refreshed.
+        for _ in 0..2 {
+            net.now_ms += 1000;
+            stabilize_round(&net);
+        }
+        net.now_ms += 1000;
+        maintenance_round(&net, None);
+        progress(&format!("{kill} peers failed and the ring stabilized, {:.0} s", started.elapsed().as_secs_f64()));
+        let oracle = Oracle::build(&net);
+        let after = check_lookups(&net, &oracle, cfg.lookups, &mut rng);
+        let (load_min, load_max) = oracle.load(&net);
+        report.peers_failed = kill;
+        report.failed_lookups_after_fail = after.failed;
+        report.hops_mean_after_fail = mean_p99_max(&after.hops).0;
+        report.load_max_over_fair_after_fail = load_max;
+        report.load_min_over_fair_after_fail = load_min;
+    }
+    report.messages_total = net.calls.load(std::sync::atomic::Ordering::Relaxed);
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+    #[test]
+    fn debug_trace() {
+        if std::env::var("MS_TRACE").is_err() { return; }
+        let cfg = SimConfig { peers: 300, fail_fraction: 0.0, lookups: 100, ..Default::default() };
+        let r = run(&cfg, |m| eprintln!("{m}"));
+        eprintln!("{r:?}");
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+    #[test]
+    fn debug_perfect_ring() {
+        if std::env::var("MS_TRACE2").is_err() { return; }
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut net = SimNet::new(1);
+        let peers = 300;
+        let config = RingConfig { successor_list_len: 16, ..RingConfig::default() };
+        for i in 0..peers {
+            let ids: Vec<Id> = (0..10).map(|_| Id::from_fraction(rng.gen())).collect();
+            net.add(Node::new(i as SimAddr, Id::sha1(&[i as u8]), 1 << 30, &ids, config.clone()));
+        }
+        let o = Oracle::build(&net);
+        let ids: Vec<(Id, SimAddr)> = o.ring.iter().map(|(a, b)| (*a, *b)).collect();
+        let succ_of = |x: Id| -> (Id, SimAddr) { let (a, b) = o.ring.range(x..).next().or_else(|| o.ring.iter().next()).unwrap(); (*a, *b) };
+        for (k, (id, p)) in ids.iter().enumerate() {
+            let n = ids.len();
+            let mut node = net.node(*p).lock();
+            let pred = ids[(k + n - 1) % n];
+            let succ: Vec<crate::ring::Contact<SimAddr>> = (1..=16).map(|j| { let (a, b) = ids[(k + j) % n]; crate::ring::Contact { id: a, addr: b } }).collect();
+            let v = node.vnode_mut(*id).unwrap();
+            v.pred = Some(crate::ring::Contact { id: pred.0, addr: pred.1 });
+            v.set_successors(succ, 16);
+            let floor = v.finger_floor();
+            for e in floor..160 {
+                let (a, b) = succ_of(id.wrapping_add(Id::pow2(e)));
+                v.set_finger(e, crate::ring::Contact { id: a, addr: b });
+            }
+        }
+        {
+            let n86 = net.node(86).lock();
+            eprintln!("peer 86 vnodes {:?}", n86.vnode_ids());
+            let key = Id::from_hex("1ae07c0b00000000000000000000000000000000").unwrap();
+            eprintln!("route {:?}", n86.route(key));
+            for v in &n86.vnodes { eprintln!("v {:?} succ0 {:?} fingers {:?}", v.id, v.succ.first().map(|c| c.id), v.fingers.iter().map(|c| c.id).collect::<Vec<_>>()); }
+        }
+        let st = check_lookups(&net, &o, 2000, &mut rng);
+        eprintln!("perfect ring: failed {} hops {:?}", st.failed, mean_p99_max(&st.hops));
+        // now one full maintenance round and compare
+        maintenance_round(&net, None);
+        let st = check_lookups(&net, &o, 2000, &mut rng);
+        eprintln!("after maintenance: failed {} hops {:?}", st.failed, mean_p99_max(&st.hops));
+    }
+}
