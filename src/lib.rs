@@ -2,8 +2,8 @@
 pub mod blockstore;
 pub mod ring;
 pub mod sim;
-pub mod rpc {
-    pub mod pb {
-        tonic::include_proto!("mutualstore.v1");
-    }
-}
+pub mod rpc;
+pub mod identity;
+pub mod peer;
+pub mod files;
+pub mod status;

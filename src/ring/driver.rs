@@ -213,7 +213,8 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
         (n.addr.clone(), n.config.successor_list_len + 1)
     };
     for _ in 0..max_tries {
-        let Some(succ) = node.lock().first_successor(vnode) else {
+        let first = node.lock().first_successor(vnode);
+        let Some(succ) = first else {
             adopt_predecessor_as_successor(node, vnode);
             return;
         };

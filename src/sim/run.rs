@@ -66,6 +66,8 @@ pub struct SimReport {
     pub seconds: f64,
 }
 
+const STABILIZE_ROUNDS_AFTER_FAIL: usize = 6;
+
 pub fn successor_list_len_for(peers: usize) -> usize {
     let log = (peers.max(2) as f64).log2().ceil() as usize;
     (2 * log).clamp(8, 48)
@@ -135,7 +137,8 @@ fn stabilize_round(net: &SimNet) {
     for a in net.alive_addrs() {
         let node = net.node(a).clone();
         let ep = net.endpoint(a);
-        for id in node.lock().vnode_ids() {
+        let ids = node.lock().vnode_ids();
+        for id in ids {
             run_ready(driver::check_predecessor(&node, &ep, id, net.now_ms));
             run_ready(driver::stabilize(&node, &ep, id, net.now_ms));
         }
@@ -205,18 +208,6 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
         if let Err(e) = run_ready(driver::join(&node, &net.endpoint(addr), &bootstrap, net.now_ms)) {
             progress(&format!("join of peer {i} failed: {e}"));
         }
-        if std::env::var("MS_TRACE").is_ok() {
-            let o = Oracle::build(&net);
-            let ids: Vec<Id> = o.ring.keys().cloned().collect();
-            let mut bad = 0;
-            for (k, id) in ids.iter().enumerate() {
-                let want = ids[(k + 1) % ids.len()];
-                let p = o.ring[id];
-                let got = net.node(p).lock().vnode(*id).and_then(|v| v.succ.first().map(|c| c.id));
-                if got != Some(want) { bad += 1; if bad < 3 { eprintln!("after join {i}: vnode {id:?} of {p} succ {got:?} want {want:?} (owner {})", o.ring[&want]); } }
-            }
-            if bad > 0 { eprintln!("after join {i}: {bad} wrong successors; joiner vnodes {:?}", node.lock().vnode_ids()); panic!("stop"); }
-        }
         if i + 1 >= next_maintenance {
             net.now_ms += 1000;
             maintenance_round(&net, Some(2));
@@ -268,7 +259,7 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
         }
         // Stabilization after the failure: successor lists and predecessors first (two
         // rounds let notify settle), then every finger is refreshed.
-        for _ in 0..2 {
+        for _ in 0..STABILIZE_ROUNDS_AFTER_FAIL {
             net.now_ms += 1000;
             stabilize_round(&net);
         }
@@ -289,61 +280,3 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
     report
 }
 
-#[cfg(test)]
-mod debug_tests {
-    use super::*;
-    #[test]
-    fn debug_trace() {
-        if std::env::var("MS_TRACE").is_err() { return; }
-        let cfg = SimConfig { peers: 300, fail_fraction: 0.0, lookups: 100, ..Default::default() };
-        let r = run(&cfg, |m| eprintln!("{m}"));
-        eprintln!("{r:?}");
-    }
-}
-
-#[cfg(test)]
-mod route_tests {
-    use super::*;
-    #[test]
-    fn debug_perfect_ring() {
-        if std::env::var("MS_TRACE2").is_err() { return; }
-        let mut rng = StdRng::seed_from_u64(3);
-        let mut net = SimNet::new(1);
-        let peers = 300;
-        let config = RingConfig { successor_list_len: 16, ..RingConfig::default() };
-        for i in 0..peers {
-            let ids: Vec<Id> = (0..10).map(|_| Id::from_fraction(rng.gen())).collect();
-            net.add(Node::new(i as SimAddr, Id::sha1(&[i as u8]), 1 << 30, &ids, config.clone()));
-        }
-        let o = Oracle::build(&net);
-        let ids: Vec<(Id, SimAddr)> = o.ring.iter().map(|(a, b)| (*a, *b)).collect();
-        let succ_of = |x: Id| -> (Id, SimAddr) { let (a, b) = o.ring.range(x..).next().or_else(|| o.ring.iter().next()).unwrap(); (*a, *b) };
-        for (k, (id, p)) in ids.iter().enumerate() {
-            let n = ids.len();
-            let mut node = net.node(*p).lock();
-            let pred = ids[(k + n - 1) % n];
-            let succ: Vec<crate::ring::Contact<SimAddr>> = (1..=16).map(|j| { let (a, b) = ids[(k + j) % n]; crate::ring::Contact { id: a, addr: b } }).collect();
-            let v = node.vnode_mut(*id).unwrap();
-            v.pred = Some(crate::ring::Contact { id: pred.0, addr: pred.1 });
-            v.set_successors(succ, 16);
-            let floor = v.finger_floor();
-            for e in floor..160 {
-                let (a, b) = succ_of(id.wrapping_add(Id::pow2(e)));
-                v.set_finger(e, crate::ring::Contact { id: a, addr: b });
-            }
-        }
-        {
-            let n86 = net.node(86).lock();
-            eprintln!("peer 86 vnodes {:?}", n86.vnode_ids());
-            let key = Id::from_hex("1ae07c0b00000000000000000000000000000000").unwrap();
-            eprintln!("route {:?}", n86.route(key));
-            for v in &n86.vnodes { eprintln!("v {:?} succ0 {:?} fingers {:?}", v.id, v.succ.first().map(|c| c.id), v.fingers.iter().map(|c| c.id).collect::<Vec<_>>()); }
-        }
-        let st = check_lookups(&net, &o, 2000, &mut rng);
-        eprintln!("perfect ring: failed {} hops {:?}", st.failed, mean_p99_max(&st.hops));
-        // now one full maintenance round and compare
-        maintenance_round(&net, None);
-        let st = check_lookups(&net, &o, 2000, &mut rng);
-        eprintln!("after maintenance: failed {} hops {:?}", st.failed, mean_p99_max(&st.hops));
-    }
-}

@@ -1,0 +1,214 @@
+//! A running storage peer: identity, disk image, gRPC server, join, and the periodic
+//! Chord maintenance, wired together on a tokio runtime.
+//!
+//! Owns: process lifecycle (start, join with bounded retries, maintenance timer, clean
+//! leave on SIGTERM/SIGINT). The ring logic lives in `ring`, the wire in `rpc`.
+
+use crate::blockstore::DiskImage;
+use crate::identity::Identity;
+use crate::ring::driver::{self, Transport};
+use crate::ring::vnode_position::{choose_positions, first_peer_positions, vnode_count};
+use crate::ring::{Id, Node, RingConfig};
+use crate::rpc::client::GrpcNet;
+use crate::rpc::server::{PeerService, PeerState};
+use crate::rpc::{NetAddr, RING_CALL_TIMEOUT};
+use parking_lot::Mutex;
+use rand::Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub listen: String,
+    /// Address other peers use to reach us (defaults to `listen`).
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    pub capacity_bytes: u64,
+    pub join: Option<String>,
+    pub maintenance_interval: Duration,
+    pub fingers_per_round: usize,
+}
+
+impl PeerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.capacity_bytes < (64 << 20) {
+            return Err(format!("capacity {} bytes is too small (at least 64 MiB)", self.capacity_bytes));
+        }
+        self.listen.parse::<std::net::SocketAddr>().map_err(|e| format!("--listen {:?}: {e}", self.listen))?;
+        crate::rpc::convert::addr_from(&self.advertise).map_err(|s| format!("advertised address: {}", s.message()))?;
+        if let Some(j) = &self.join {
+            crate::rpc::convert::addr_from(j).map_err(|s| format!("--join {j:?}: {}", s.message()))?;
+        }
+        Ok(())
+    }
+}
+
+pub struct RunningPeer {
+    pub state: Arc<PeerState>,
+    pub net: Arc<GrpcNet>,
+    pub addr: NetAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+    maintenance: tokio::task::JoinHandle<()>,
+}
+
+impl RunningPeer {
+    /// Leaves the ring cleanly (neighbours splice us out) and stops serving.
+    pub async fn leave_and_stop(mut self) {
+        self.maintenance.abort();
+        driver::leave(&self.state.node, &*self.net).await;
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
+    }
+
+    /// Stops without telling anyone (like a crash, but the process lives on: for tests).
+    pub async fn stop_abruptly(mut self) {
+        self.maintenance.abort();
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        self.server.abort();
+        let _ = (&mut self.server).await;
+    }
+}
+
+/// Starts a peer: binds the listener first (so a busy port fails at once), then joins.
+pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr: NetAddr = NetAddr::from(cfg.advertise.as_str());
+    let net = Arc::new(GrpcNet::new());
+    let bootstrap: Option<NetAddr> = cfg.join.as_deref().map(NetAddr::from);
+    if let Some(b) = &bootstrap {
+        net.hello(b, &addr).await.map_err(|e| format!("cannot join via {b}: {e}"))?;
+    }
+
+    let identity = match Identity::load(&cfg.data_dir)? {
+        Some(id) => {
+            if id.capacity_bytes != cfg.capacity_bytes {
+                return Err(format!(
+                    "{} was created with capacity {} bytes, not {}: capacity cannot change in place",
+                    cfg.data_dir.display(),
+                    id.capacity_bytes,
+                    cfg.capacity_bytes
+                ));
+            }
+            id
+        }
+        None => {
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+            let peer_id = Id::sha1(&rng.gen::<[u8; 32]>());
+            let n = vnode_count(cfg.capacity_bytes);
+            let vnodes = match &bootstrap {
+                None => first_peer_positions(n, &mut rng),
+                Some(b) => {
+                    let samples = driver::sample_ring(&*net, b, &mut rng).await.map_err(|e| format!("cannot sample the ring via {b}: {e}"))?;
+                    choose_positions(&samples, cfg.capacity_bytes, n, &mut rng)
+                }
+            };
+            let id = Identity::new(peer_id, &vnodes, cfg.capacity_bytes);
+            id.save(&cfg.data_dir)?;
+            id
+        }
+    };
+
+    let data_dir = cfg.data_dir.clone();
+    let capacity = cfg.capacity_bytes;
+    let store = tokio::task::spawn_blocking(move || DiskImage::open(&data_dir, capacity))
+        .await
+        .map_err(|e| format!("disk image task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let mut node = Node::new(addr.clone(), identity.peer_id()?, cfg.capacity_bytes, &identity.vnodes()?, RingConfig::default());
+    if bootstrap.is_none() {
+        node.create_ring();
+    }
+    let state = Arc::new(PeerState { node: Arc::new(Mutex::new(node)), store: Arc::new(store), started: Instant::now() });
+
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let svc = PeerService { state: state.clone() }.into_server();
+    let incoming = tokio_stream_from(listener);
+    let server = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(60))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            log::error!("server stopped: {e}");
+        }
+    });
+
+    if let Some(b) = &bootstrap {
+        let mut last = String::new();
+        let mut joined = false;
+        for attempt in 0..5 {
+            match driver::join(&state.node, &*net, b, state.now_ms()).await {
+                Ok(()) => {
+                    joined = true;
+                    break;
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    log::warn!("join attempt {} via {b} failed: {last}", attempt + 1);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        if !joined {
+            server.abort();
+            return Err(format!("cannot join the ring via {b}: {last}"));
+        }
+        log::info!("joined the ring via {b} as {addr} with {} vnodes", state.node.lock().vnodes.len());
+    } else {
+        log::info!("started a new ring at {addr} with {} vnodes", state.node.lock().vnodes.len());
+    }
+
+    let maintenance = {
+        let state = state.clone();
+        let net = net.clone();
+        let every = cfg.maintenance_interval;
+        let fingers = cfg.fingers_per_round;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                driver::maintain(&state.node, &*net, fingers, state.now_ms()).await;
+            }
+        })
+    };
+
+    Ok(RunningPeer { state, net, addr, shutdown: Some(tx), server, maintenance })
+}
+
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A ring call with the standard deadline, for callers outside the driver.
+pub async fn ping<T: Transport<NetAddr>>(net: &T, addr: &NetAddr) -> bool {
+    tokio::time::timeout(RING_CALL_TIMEOUT, net.call(addr, crate::ring::RingRequest::Ping)).await.is_ok_and(|r| r.is_ok())
+}

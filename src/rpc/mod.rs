@@ -1,0 +1,32 @@
+//! The wire: gRPC (tonic/prost) between peers and from clients. The only module that
+//! knows protobuf types; everything crossing it is converted to domain types and
+//! validated at the boundary (a bad message is `InvalidArgument`, never a panic).
+
+pub mod client;
+pub mod convert;
+pub mod server;
+
+pub mod pb {
+    tonic::include_proto!("mutualstore.v1");
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
+/// that speaks another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest gRPC message either side accepts: one block plus headers.
+pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
+/// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).
+pub const RING_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a block transfer.
+pub const BLOCK_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest "host:port" we accept in a message.
+pub const MAX_ADDR_LEN: usize = 256;
+/// Most contacts one message may carry (successor lists, fingers).
+pub const MAX_CONTACTS: usize = 512;
+
+/// A peer's network address ("host:port"), cheap to clone.
+pub type NetAddr = Arc<str>;

@@ -1,0 +1,193 @@
+//! The gRPC service a peer runs: ring requests go to the node's pure handlers, block
+//! requests to the disk image (on the blocking pool). Each handler validates its input.
+
+use super::convert::*;
+use super::pb;
+use super::pb::peer_server::{Peer, PeerServer};
+use super::{NetAddr, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::blockstore::{DiskImage, StoreError, MAX_DATA_BYTES, MAX_META_BYTES};
+use crate::ring::{Node, RingRequest, RingResponse};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+pub struct PeerState {
+    pub node: Arc<Mutex<Node<NetAddr>>>,
+    pub store: Arc<DiskImage>,
+    pub started: Instant,
+}
+
+impl PeerState {
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// The one mapping from disk-image errors to gRPC codes.
+pub fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        StoreError::BadImage { .. } | StoreError::Io(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[derive(Clone)]
+pub struct PeerService {
+    pub state: Arc<PeerState>,
+}
+
+impl PeerService {
+    pub fn into_server(self) -> PeerServer<PeerService> {
+        PeerServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn ring(&self, req: RingRequest<NetAddr>) -> RingResponse<NetAddr> {
+        let now = self.state.now_ms();
+        self.state.node.lock().handle(req, now)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&DiskImage) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.state.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("disk task failed: {e}")))?
+            .map_err(store_status)
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("ring handler answered a different request kind")
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
+        let r = req.into_inner();
+        if r.protocol_version != PROTOCOL_VERSION {
+            log::warn!("refused a caller speaking protocol v{} (we speak v{PROTOCOL_VERSION})", r.protocol_version);
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: this peer speaks v{PROTOCOL_VERSION}, caller speaks v{}",
+                r.protocol_version
+            )));
+        }
+        let peer_id = self.state.node.lock().peer_id;
+        Ok(Response::new(pb::HelloResponse { protocol_version: PROTOCOL_VERSION, peer_id: peer_id.to_bytes().to_vec() }))
+    }
+
+    async fn find_next(&self, req: Request<pb::FindNextRequest>) -> Result<Response<pb::FindNextResponse>, Status> {
+        let key = id_from(&req.into_inner().key, "key")?;
+        match self.ring(RingRequest::FindNext { key }) {
+            RingResponse::Route(r) => Ok(Response::new(route_to(&r))),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn neighbors(&self, req: Request<pb::VnodeRequest>) -> Result<Response<pb::NeighborsResponse>, Status> {
+        let vnode = id_from(&req.into_inner().vnode_id, "vnode_id")?;
+        match self.ring(RingRequest::Neighbors { vnode }) {
+            RingResponse::Neighbors(n) => Ok(Response::new(neighbors_to(&n))),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn notify(&self, req: Request<pb::NotifyRequest>) -> Result<Response<pb::NotifyResponse>, Status> {
+        let r = req.into_inner();
+        let vnode = id_from(&r.vnode_id, "vnode_id")?;
+        let candidate = contact_opt_from(&r.candidate)?.ok_or_else(|| Status::invalid_argument("notify without candidate"))?;
+        match self.ring(RingRequest::Notify { vnode, candidate, as_successor: r.as_successor }) {
+            RingResponse::Notified(accepted) => Ok(Response::new(pb::NotifyResponse { accepted })),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn fingers(&self, req: Request<pb::VnodeRequest>) -> Result<Response<pb::FingersResponse>, Status> {
+        let vnode = id_from(&req.into_inner().vnode_id, "vnode_id")?;
+        match self.ring(RingRequest::Fingers { vnode }) {
+            RingResponse::Fingers(f) => Ok(Response::new(pb::FingersResponse { fingers: contacts_to(&f) })),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let vnode = id_from(&r.vnode_id, "vnode_id")?;
+        let leaving = contact_opt_from(&r.leaving)?.ok_or_else(|| Status::invalid_argument("leave without leaving vnode"))?;
+        let new_pred = contact_opt_from(&r.new_predecessor)?;
+        let new_succ = contacts_from(&r.new_successors)?;
+        self.ring(RingRequest::Leave { vnode, leaving, new_pred, new_succ });
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn peer_info(&self, _req: Request<pb::Empty>) -> Result<Response<pb::PeerInfoResponse>, Status> {
+        let (peer_id, addr, vnodes, capacity, share) = {
+            let n = self.state.node.lock();
+            (n.peer_id, n.addr.to_string(), n.vnode_ids(), n.capacity_bytes, n.keyspace_share())
+        };
+        let store = &self.state.store;
+        Ok(Response::new(pb::PeerInfoResponse {
+            peer_id: peer_id.to_bytes().to_vec(),
+            addr,
+            vnode_ids: vnodes.iter().map(|v| v.to_bytes().to_vec()).collect(),
+            capacity_bytes: capacity,
+            used_bytes: store.used_bytes(),
+            keyspace_share: share,
+            protocol_version: PROTOCOL_VERSION,
+            blocks: store.len() as u64,
+        }))
+    }
+
+    async fn put_block(&self, req: Request<pb::PutBlockRequest>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let key = id_from(&r.key, "key")?.to_bytes();
+        if r.meta.len() > MAX_META_BYTES || r.data.len() > MAX_DATA_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "block too large: meta {} (max {MAX_META_BYTES}), data {} (max {MAX_DATA_BYTES})",
+                r.meta.len(),
+                r.data.len()
+            )));
+        }
+        self.blocking(move |s| s.put(&key, &r.meta, &r.data)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_block(&self, req: Request<pb::GetBlockRequest>) -> Result<Response<pb::GetBlockResponse>, Status> {
+        let key = id_from(&req.into_inner().key, "key")?.to_bytes();
+        let got = self.blocking(move |s| s.get(&key)).await?;
+        Ok(Response::new(match got {
+            Some(b) => pb::GetBlockResponse { found: true, meta: b.meta, data: b.data },
+            None => pb::GetBlockResponse { found: false, meta: Vec::new(), data: Vec::new() },
+        }))
+    }
+
+    async fn delete_block(&self, req: Request<pb::DeleteBlockRequest>) -> Result<Response<pb::Empty>, Status> {
+        let key = id_from(&req.into_inner().key, "key")?.to_bytes();
+        self.blocking(move |s| s.delete(&key)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let r = req.into_inner();
+        let from = id_from(&r.from_exclusive, "from_exclusive")?;
+        let to = id_from(&r.to_inclusive, "to_inclusive")?;
+        let limit = (r.limit as usize).clamp(1, 100_000);
+        let keys = self.state.store.keys();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut truncated = false;
+        for k in keys {
+            if crate::ring::Id::from_bytes(&k).in_open_closed(from, to) {
+                if out.len() == limit {
+                    truncated = true;
+                    break;
+                }
+                out.push(k.to_vec());
+            }
+        }
+        Ok(Response::new(pb::ListKeysResponse { keys: out, truncated }))
+    }
+}
