@@ -80,7 +80,12 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("cannot create {}: {e}", cfg.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr: NetAddr = NetAddr::from(cfg.advertise.as_str());
+    // Port 0 (tests) means "any free port": advertise the one the kernel chose.
+    let advertise = match listener.local_addr() {
+        Ok(local) if cfg.advertise.ends_with(":0") => local.to_string(),
+        _ => cfg.advertise.clone(),
+    };
+    let addr: NetAddr = NetAddr::from(advertise.as_str());
     let net = Arc::new(GrpcNet::new());
     let bootstrap: Option<NetAddr> = cfg.join.as_deref().map(NetAddr::from);
     if let Some(b) = &bootstrap {

@@ -103,6 +103,14 @@ impl<A: Addr> Vnode<A> {
         }
     }
 
+    /// The contact this vnode routes to for finger exponent `exp`: the first finger at
+    /// distance >= 2^exp (what Chord's finger[exp] holds).
+    pub fn finger_for(&self, exp: u32) -> Option<&Contact<A>> {
+        let d = Id::pow2(exp);
+        let i = self.fingers.partition_point(|f| self.dist(f.id) < d);
+        self.fingers.get(i)
+    }
+
     /// Adopts another vnode's fingers as hints (a joiner copies its successor's); wrong
     /// ones are replaced as fix_fingers visits each exponent.
     pub fn seed_fingers(&mut self, hints: Vec<Contact<A>>) {

@@ -1,0 +1,92 @@
+//! Helpers for tests that run real gRPC peers on 127.0.0.1 inside the test process.
+#![allow(dead_code)]
+
+use mutualstore::peer::{self, PeerConfig, RunningPeer};
+use mutualstore::ring::{Id, Node};
+use mutualstore::rpc::NetAddr;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+pub const GIB: u64 = 1 << 30;
+
+pub fn peer_config(dir: &Path, capacity: u64, join: Option<&NetAddr>) -> PeerConfig {
+    PeerConfig {
+        listen: "127.0.0.1:0".into(),
+        advertise: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        capacity_bytes: capacity,
+        join: join.map(|j| j.to_string()),
+        maintenance_interval: Duration::from_millis(100),
+        fingers_per_round: 8,
+    }
+}
+
+pub async fn start_ring(root: &Path, n: usize, capacity: u64) -> Vec<RunningPeer> {
+    let mut peers: Vec<RunningPeer> = Vec::new();
+    for i in 0..n {
+        let join = peers.first().map(|p| p.addr.clone());
+        let p = peer::start(peer_config(&root.join(format!("p{i}")), capacity, join.as_ref()))
+            .await
+            .unwrap_or_else(|e| panic!("peer {i} failed to start: {e}"));
+        peers.push(p);
+    }
+    peers
+}
+
+/// The true owner of every key: sorted (vnode id -> peer addr) over the given peers.
+pub fn oracle(peers: &[&RunningPeer]) -> BTreeMap<Id, NetAddr> {
+    let mut m = BTreeMap::new();
+    for p in peers {
+        for v in p.state.node.lock().vnode_ids() {
+            m.insert(v, p.addr.clone());
+        }
+    }
+    m
+}
+
+pub fn successor_of(o: &BTreeMap<Id, NetAddr>, key: Id) -> Id {
+    *o.range(key..).next().or_else(|| o.iter().next()).expect("non-empty ring").0
+}
+
+/// Counts wrong pointers: first successors, predecessors, and fingers for every
+/// exponent at or above the vnode's finger floor.
+pub fn wrong_pointers(peers: &[&RunningPeer]) -> (usize, usize) {
+    let o = oracle(peers);
+    let ids: Vec<Id> = o.keys().cloned().collect();
+    let (mut wrong_succ, mut wrong_fingers) = (0, 0);
+    for p in peers {
+        let node: Node<NetAddr> = p.state.node.lock().clone();
+        for v in &node.vnodes {
+            let idx = ids.binary_search(&v.id).expect("own vnode is in the oracle");
+            let want_succ = ids[(idx + 1) % ids.len()];
+            let want_pred = ids[(idx + ids.len() - 1) % ids.len()];
+            if ids.len() > 1 && (v.succ.first().map(|c| c.id) != Some(want_succ) || v.pred.as_ref().map(|c| c.id) != Some(want_pred)) {
+                wrong_succ += 1;
+            }
+            for e in v.finger_floor() + 1..160 {
+                let want = successor_of(&o, v.id.wrapping_add(Id::pow2(e)));
+                if want == v.id {
+                    continue;
+                }
+                let got = v.finger_for(e).map(|c| c.id).or_else(|| v.succ.iter().find(|s| v.id.distance_to(s.id) >= Id::pow2(e)).map(|c| c.id));
+                if got != Some(want) {
+                    wrong_fingers += 1;
+                }
+            }
+        }
+    }
+    (wrong_succ, wrong_fingers)
+}
+
+/// Polls until the ring's pointers are all correct (bounded), returns what is left wrong.
+pub async fn wait_converged(peers: &[&RunningPeer], max: Duration) -> (usize, usize) {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let w = wrong_pointers(peers);
+        if w == (0, 0) || tokio::time::Instant::now() > deadline {
+            return w;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,152 @@
+//! Real gRPC peers on 127.0.0.1 in this test process: the ring forms, routing state
+//! converges to the true Chord pointers, lookups from every peer reach the true owner,
+//! files round-trip, a killed peer is routed around and a restarted one keeps its blocks.
+
+mod common;
+use common::*;
+use mutualstore::files::BlockClient;
+use mutualstore::ring::{driver, Id};
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+async fn check_lookups_from_every_peer(peers: &[&mutualstore::peer::RunningPeer], per_peer: usize, seed: u64) {
+    let o = oracle(peers);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for p in peers {
+        for _ in 0..per_peer {
+            let key = Id::from_fraction(rng.gen());
+            let found = driver::lookup(&p.state.node, &*p.net, key, p.state.now_ms()).await.expect("lookup succeeds");
+            assert_eq!(found.owner.id, successor_of(&o, key), "lookup from {} of {key:?} reached the wrong owner", p.addr);
+            assert_eq!(found.owner.addr, o[&found.owner.id]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_owns_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = start_ring(dir.path(), 1, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(10)).await, (0, 0));
+    check_lookups_from_every_peer(&refs, 20, 1).await;
+    assert!((peers[0].state.node.lock().keyspace_share() - 1.0).abs() < 1e-9);
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_converge_and_share_by_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = Vec::new();
+    for (i, cap) in [GIB, 2 * GIB, 4 * GIB].into_iter().enumerate() {
+        let join = peers.first().map(|p: &mutualstore::peer::RunningPeer| p.addr.clone());
+        peers.push(mutualstore::peer::start(peer_config(&dir.path().join(format!("p{i}")), cap, join.as_ref())).await.unwrap());
+    }
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(20)).await, (0, 0), "pointers did not converge");
+    check_lookups_from_every_peer(&refs, 50, 2).await;
+    let total: f64 = 7.0;
+    for (p, cap) in peers.iter().zip([1.0, 2.0, 4.0]) {
+        let share = p.state.node.lock().keyspace_share();
+        let ratio = share / (cap / total);
+        assert!((0.75..=1.33).contains(&ratio), "peer {} owns {share:.3} of the keyspace for {:.3} of the capacity", p.addr, cap / total);
+    }
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_peers_converge_and_route_correctly_and_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(dir.path(), 50, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    let left = wait_converged(&refs, Duration::from_secs(90)).await;
+    assert_eq!(left, (0, 0), "50-peer ring: {} wrong successor/predecessor pointers and {} wrong fingers remain", left.0, left.1);
+    check_lookups_from_every_peer(&refs, 10, 3).await;
+
+    // Kill one peer without a goodbye: it must disappear from successor lists, and
+    // lookups from everyone else must still reach the (new) true owner.
+    let victim = peers.remove(17);
+    let victim_addr = victim.addr.clone();
+    victim.stop_abruptly().await;
+    let refs: Vec<_> = peers.iter().collect();
+    let mut gone = false;
+    for _ in 0..150 {
+        gone = refs.iter().all(|p| p.state.node.lock().vnodes.iter().all(|v| v.succ.iter().all(|s| s.addr != victim_addr)));
+        if gone && wrong_pointers(&refs).0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gone, "the killed peer {victim_addr} is still in successor lists after 30 s");
+    assert_eq!(wrong_pointers(&refs).0, 0, "successor/predecessor pointers wrong after the kill");
+    check_lookups_from_every_peer(&refs, 10, 4).await;
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(dir.path(), 3, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(20)).await.0, 0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut handles = Vec::new();
+    for (i, size) in [0usize, 1, (1 << 20) + 1, 50 << 20].into_iter().enumerate() {
+        let mut data = vec![0u8; size];
+        rng.fill(&mut data[..]);
+        let src = dir.path().join(format!("in{i}"));
+        std::fs::write(&src, &data).unwrap();
+        let client = BlockClient::new(vec![peers[i % 3].addr.clone()]);
+        let h = client.put_file(&src).await.unwrap_or_else(|e| panic!("put of {size} bytes: {e}"));
+        // read back through a different peer
+        let reader = BlockClient::new(vec![peers[(i + 1) % 3].addr.clone()]);
+        let out = dir.path().join(format!("out{i}"));
+        assert_eq!(reader.get_file(h, &out).await.unwrap(), size as u64);
+        assert!(std::fs::read(&out).unwrap() == data, "{size}-byte file differs after the round trip");
+        handles.push((h, data));
+    }
+
+    // Restart peer 2 from its data directory: same identity, same blocks.
+    let p2 = peers.remove(2);
+    let before_keys = p2.state.store.keys();
+    let before_vnodes = p2.state.node.lock().vnode_ids();
+    assert!(!before_keys.is_empty(), "peer 2 should hold some blocks");
+    p2.stop_abruptly().await;
+    drop(before_vnodes.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cfg = peer_config(&dir.path().join("p2"), GIB, Some(&peers[0].addr));
+    let p2 = {
+        let mut started = None;
+        for _ in 0..20 {
+            match mutualstore::peer::start(cfg.clone()).await {
+                Ok(p) => {
+                    started = Some(p);
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("restart attempt: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+        started.expect("peer 2 restarts")
+    };
+    assert_eq!(p2.state.node.lock().vnode_ids(), before_vnodes, "vnode ids persist across restarts");
+    assert_eq!(p2.state.store.keys(), before_keys, "blocks persist across restarts");
+    peers.push(p2);
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
+    for (i, (h, data)) in handles.iter().enumerate() {
+        let out = dir.path().join(format!("again{i}"));
+        BlockClient::new(vec![peers[2].addr.clone()]).get_file(*h, &out).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == *data);
+    }
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
