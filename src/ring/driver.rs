@@ -63,7 +63,7 @@ async fn run_lookup<A: Addr, T: Transport<A>>(
                     Ok(_) => lookup.on_failure(),
                     Err(_) => {
                         if let Some(n) = node {
-                            n.lock().forget_addr(&a);
+                            n.lock().forget_finger_addr(&a);
                         }
                         lookup.on_failure()
                     }
@@ -145,14 +145,21 @@ pub async fn join<A: Addr, T: Transport<A>>(
     now_ms: u64,
 ) -> Result<(), JoinError> {
     let (ids, me) = {
-        let n = node.lock();
+        let mut n = node.lock();
+        n.remember(bootstrap);
         (n.vnode_ids(), n.addr.clone())
     };
     for id in ids {
         let found = lookup_via_node(node, net, bootstrap, id, now_ms).await?;
         let succ = found.owner;
         if succ.id == id {
-            continue; // already in the ring (a restart that was never noticed gone)
+            // Still in the ring from before a restart: take the successors it reported.
+            let mut n = node.lock();
+            let r = n.config.successor_list_len;
+            if let Some(v) = n.vnode_mut(id) {
+                v.set_successors(found.successors.clone(), r);
+            }
+            continue;
         }
         let info = match call(node, net, &succ.addr, RingRequest::Neighbors { vnode: succ.id }, now_ms).await? {
             RingResponse::Neighbors(i) => i,
@@ -212,21 +219,33 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
         let n = node.lock();
         (n.addr.clone(), n.config.successor_list_len + 1)
     };
+    // Only our own vnodes left as successors while we have heard of other peers: we may
+    // be an island after a partition. Look ourselves up through them to merge back.
+    let island = {
+        let n = node.lock();
+        let only_own = n.vnode(vnode).is_some_and(|v| !v.succ.is_empty() && v.succ.iter().all(|s| s.addr == me));
+        only_own && !n.seen.is_empty()
+    };
+    if island {
+        rejoin_vnode_via(node, net, vnode, ISLAND_PROBES, now_ms).await;
+    }
     for _ in 0..max_tries {
         let first = node.lock().first_successor(vnode);
         let Some(succ) = first else {
-            adopt_predecessor_as_successor(node, vnode);
+            rejoin_vnode(node, net, vnode, now_ms).await;
             return;
         };
         match call(node, net, &succ.addr, RingRequest::Neighbors { vnode: succ.id }, now_ms).await {
             Ok(RingResponse::Neighbors(info)) if info.vnode_exists => {
-                let first = node.lock().apply_stabilize(vnode, &succ, &info);
+                let first = {
+                    let mut n = node.lock();
+                    n.remember(&succ.addr);
+                    n.apply_stabilize(vnode, &succ, &info)
+                };
                 if let Some(first) = first {
                     let cand = Contact { id: vnode, addr: me.clone() };
                     let req = RingRequest::Notify { vnode: first.id, candidate: cand, as_successor: false };
-                    if call(node, net, &first.addr, req, now_ms).await.is_err() {
-                        node.lock().forget_addr(&first.addr);
-                    }
+                    let _ = call(node, net, &first.addr, req, now_ms).await;
                 }
                 return;
             }
@@ -236,9 +255,60 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                     v.succ.retain(|s| s.id != succ.id);
                 }
             }
-            Err(_) => node.lock().forget_addr(&succ.addr),
+            Err(_) => {
+                // Unreachable from this vnode: skip it. If it was only a lost message,
+                // the next successor's predecessor pointer brings it back.
+                if let Some(v) = node.lock().vnode_mut(vnode) {
+                    v.succ.retain(|s| s.addr != succ.addr);
+                }
+            }
         }
     }
+}
+
+/// A vnode that lost every successor finds its place again through any peer it has
+/// heard of (the state after a partition heals), or failing that its predecessor.
+async fn rejoin_vnode<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, vnode: Id, now_ms: u64) {
+    if !rejoin_vnode_via(node, net, vnode, SEEN_PROBES, now_ms).await {
+        adopt_predecessor_as_successor(node, vnode);
+    }
+}
+
+/// How many remembered peers one maintenance round may ask (each may time out).
+const SEEN_PROBES: usize = 4;
+const ISLAND_PROBES: usize = 2;
+
+async fn rejoin_vnode_via<A: Addr, T: Transport<A>>(
+    node: &Mutex<Node<A>>,
+    net: &T,
+    vnode: Id,
+    probes: usize,
+    now_ms: u64,
+) -> bool {
+    let seen = node.lock().seen.clone();
+    for via in seen.iter().rev().take(probes) {
+        let key = vnode.wrapping_add(Id::pow2(0));
+        if let Ok(found) = lookup_via_node(node, net, via, key, now_ms).await {
+            let mut n = node.lock();
+            let r = n.config.successor_list_len;
+            let me = n.addr.clone();
+            if let Some(v) = n.vnode_mut(vnode) {
+                let mut list = vec![found.owner];
+                list.extend(found.successors);
+                if found_foreign(&list, &me) || v.succ.is_empty() {
+                    v.set_successors(list, r);
+                }
+                if !v.succ.is_empty() {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn found_foreign<A: Addr>(list: &[Contact<A>], me: &A) -> bool {
+    list.iter().any(|c| &c.addr != me)
 }
 
 /// With every successor gone, the predecessor is the best pointer left; stabilize then

@@ -151,14 +151,20 @@ pub struct Node<A> {
     pub config: RingConfig,
     /// Sorted by id.
     pub vnodes: Vec<Vnode<A>>,
+    /// Peers recently heard of, kept even when pointers to them are dropped: the way
+    /// back into the ring for a vnode that lost every successor (after a partition).
+    pub seen: Vec<A>,
 }
+
+/// How many recently seen peer addresses a node keeps for rejoining.
+pub const SEEN_ADDRS: usize = 32;
 
 impl<A: Addr> Node<A> {
     pub fn new(addr: A, peer_id: Id, capacity_bytes: u64, vnode_ids: &[Id], config: RingConfig) -> Self {
         let mut vnodes: Vec<Vnode<A>> = vnode_ids.iter().map(|&id| Vnode::new(id)).collect();
         vnodes.sort_by_key(|v| v.id);
         vnodes.dedup_by_key(|v| v.id);
-        Node { addr, peer_id, capacity_bytes, config, vnodes }
+        Node { addr, peer_id, capacity_bytes, config, vnodes, seen: Vec::new() }
     }
 
     /// A ring of one: every vnode's successors and predecessor are our own vnodes.
@@ -295,6 +301,7 @@ impl<A: Addr> Node<A> {
             }
             return closer;
         }
+        let cand_addr = candidate.addr.clone();
         let accept = match &v.pred {
             None => true,
             Some(p) if p.id == v.id => true,
@@ -304,6 +311,7 @@ impl<A: Addr> Node<A> {
             v.pred = Some(candidate);
             v.pred_seen_ms = now_ms;
         }
+        self.remember(&cand_addr);
         accept
     }
 
@@ -332,6 +340,24 @@ impl<A: Addr> Node<A> {
             v.set_successors(list, r);
         }
         v.fingers.retain(|f| f.id != leaving.id);
+    }
+
+    pub fn remember(&mut self, addr: &A) {
+        if *addr == self.addr || self.seen.contains(addr) {
+            return;
+        }
+        if self.seen.len() == SEEN_ADDRS {
+            self.seen.remove(0);
+        }
+        self.seen.push(addr.clone());
+    }
+
+    /// A lookup step through `addr` failed: stop routing via it. Successor lists and
+    /// predecessors are left to stabilize, which tells a dead peer from a lost message.
+    pub fn forget_finger_addr(&mut self, addr: &A) {
+        for v in &mut self.vnodes {
+            v.fingers.retain(|f| &f.addr != addr);
+        }
     }
 
     /// Drops every pointer to a peer that failed to answer. Stabilization re-learns it if
