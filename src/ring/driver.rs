@@ -152,6 +152,9 @@ pub async fn join<A: Addr, T: Transport<A>>(
     for id in ids {
         let found = lookup_via_node(node, net, bootstrap, id, now_ms).await?;
         let succ = found.owner;
+        if succ.id == id && succ.addr != me {
+            return Err(JoinError::Collision(format!("vnode {} is already run by {:?}", id.to_hex(), succ.addr)));
+        }
         if succ.id == id {
             // Still in the ring from before a restart: take the successors it reported.
             let mut n = node.lock();
@@ -210,6 +213,8 @@ pub enum JoinError {
     Lookup(#[from] LookupError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error("vnode id collision: {0}")]
+    Collision(String),
 }
 
 /// Chord stabilize for one vnode: ask the first live successor for its predecessor and

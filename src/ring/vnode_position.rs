@@ -157,7 +157,14 @@ pub fn choose_positions<P: PartialEq + Clone, R: Rng>(
             bite = bite.min(arc_len * 0.05);
         }
         let arc = arcs[i].pred.distance_to(arcs[i].vnode);
-        let step = Id::from_fraction(bite).max(Id::pow2(0));
+        // Random low bits: two peers that join at once with the same samples must still
+        // pick distinct ids (the f64 bite leaves the low 96 bits zero otherwise).
+        let noise = Id::from_bytes(&{
+            let mut b = [0u8; 20];
+            rng.fill(&mut b[8..]);
+            b
+        });
+        let step = Id::from_fraction(bite).wrapping_add(noise).max(Id::pow2(0));
         let mut pos = arcs[i].pred.wrapping_add(step);
         if !pos.in_open_open(arcs[i].pred, arcs[i].vnode) {
             pos = arcs[i].pred.wrapping_add(arc.scale(0.5));
