@@ -29,7 +29,7 @@ pub struct RingConfig {
 
 impl Default for RingConfig {
     fn default() -> Self {
-        RingConfig { successor_list_len: 16, next_hop_alternatives: 3 }
+        RingConfig { successor_list_len: 16, next_hop_alternatives: 6 }
     }
 }
 
@@ -66,20 +66,16 @@ impl<A: Addr> Vnode<A> {
         self.id.distance_to(to)
     }
 
-    /// The finger or successor-list entry closest before `key` (strictly preceding it),
-    /// found by binary search since both lists are sorted by distance from `id`.
-    fn closest_preceding(&self, key: Id) -> Option<&Contact<A>> {
+    /// The finger and the successor-list entry closest before `key` (strictly preceding
+    /// it), found by binary search since both lists are sorted by distance from `id`.
+    /// Both are offered: after a mass failure one of them may be dead.
+    fn closest_preceding(&self, key: Id) -> [Option<&Contact<A>>; 2] {
         let dk = self.dist(key);
         let pick = |list: &'_ [Contact<A>]| -> Option<usize> {
-            let n = list.partition_point(|c| self.dist(c.id) < dk && c.id != self.id);
+            let n = list.partition_point(|c| self.dist(c.id) < dk);
             n.checked_sub(1)
         };
-        let f = pick(&self.fingers).map(|i| &self.fingers[i]);
-        let s = pick(&self.succ).map(|i| &self.succ[i]);
-        match (f, s) {
-            (Some(a), Some(b)) => Some(if self.dist(a.id) >= self.dist(b.id) { a } else { b }),
-            (a, b) => a.or(b),
-        }
+        [pick(&self.fingers).map(|i| &self.fingers[i]), pick(&self.succ).map(|i| &self.succ[i])]
     }
 
     /// Record `c` as the answer for finger exponent `exp`: entries in that exponent's range
@@ -237,7 +233,7 @@ impl<A: Addr> Node<A> {
                         return Route::Found { owner: first.clone(), successors: v.succ[1..].to_vec() };
                     }
                 }
-                if let Some(c) = v.closest_preceding(key) {
+                for c in v.closest_preceding(key).into_iter().flatten() {
                     candidates.push(c.clone());
                 }
             }

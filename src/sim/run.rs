@@ -66,11 +66,11 @@ pub struct SimReport {
     pub seconds: f64,
 }
 
-const STABILIZE_ROUNDS_AFTER_FAIL: usize = 6;
+const STABILIZE_ROUNDS_AFTER_FAIL: usize = 12;
 
 pub fn successor_list_len_for(peers: usize) -> usize {
     let log = (peers.max(2) as f64).log2().ceil() as usize;
-    (2 * log).clamp(8, 48)
+    (3 * log).clamp(12, 64)
 }
 
 struct Oracle {
@@ -161,7 +161,16 @@ fn check_lookups<R: Rng>(net: &SimNet, oracle: &Oracle, count: usize, rng: &mut 
             Ok(found) if Some(found.owner.id) == oracle.owner(key) && net.is_alive(found.owner.addr) => {
                 stats.hops.push(found.hops)
             }
-            _ => stats.failed += 1,
+            other => {
+                stats.failed += 1;
+                if std::env::var("MS_TRACE").is_ok() {
+                    let want = oracle.owner(key);
+                    match other {
+                        Ok(f) => eprintln!("from {origin} key {key:?}: got {:?}@{} alive={} want {want:?}@{:?}", f.owner.id, f.owner.addr, net.is_alive(f.owner.addr), want.map(|w| oracle.ring[&w])),
+                        Err(e) => eprintln!("from {origin} key {key:?}: error {e}"),
+                    }
+                }
+            }
         }
     }
     stats
