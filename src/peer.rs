@@ -58,10 +58,16 @@ impl RunningPeer {
     pub async fn leave_and_stop(mut self) {
         self.maintenance.abort();
         driver::leave(&self.state.node, &*self.net).await;
+        // From here on we answer as a peer without vnodes, so nobody re-adopts us from a
+        // request that arrives before the server is down.
+        self.state.node.lock().vnodes.clear();
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
+        // Graceful shutdown waits for open connections; other peers keep theirs open.
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server).await.is_err() {
+            self.server.abort();
+        }
     }
 
     /// Stops without telling anyone (like a crash, but the process lives on: for tests).

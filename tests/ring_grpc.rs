@@ -150,3 +150,66 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
         p.stop_abruptly().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_refuses_bad_input_with_clear_status() {
+    use mutualstore::rpc::pb;
+    use mutualstore::rpc::pb::peer_client::PeerClient;
+    let dir = tempfile::tempdir().unwrap();
+    let peers = start_ring(dir.path(), 1, GIB).await;
+    let mut c = PeerClient::connect(format!("http://{}", peers[0].addr)).await.unwrap();
+
+    let e = c.hello(pb::HelloRequest { protocol_version: 999, addr: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("v1") && e.message().contains("v999"), "names both versions: {}", e.message());
+
+    let e = c.find_next(pb::FindNextRequest { key: vec![1, 2, 3] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c.get_block(pb::GetBlockRequest { key: vec![0; 21] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .put_block(pb::PutBlockRequest { key: vec![0; 20], meta: vec![0; 65], data: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .notify(pb::NotifyRequest { vnode_id: vec![0; 20], candidate: Some(pb::Contact { vnode_id: vec![0; 20], addr: "no port".into() }), as_successor: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // A message over the size limit is refused by the transport, not buffered.
+    let huge = vec![0u8; mutualstore::rpc::MAX_MESSAGE_BYTES + 1024];
+    let mut big = PeerClient::connect(format!("http://{}", peers[0].addr)).await.unwrap().max_encoding_message_size(usize::MAX);
+    let e = big.put_block(pb::PutBlockRequest { key: vec![0; 20], meta: vec![], data: huge }).await.unwrap_err();
+    assert!(matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument | tonic::Code::OutOfRange), "{e:?}");
+    // The peer still serves after all that.
+    assert!(c.peer_info(pb::Empty {}).await.is_ok());
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_leaves_cleanly_is_spliced_out_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(dir.path(), 4, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
+    // Stop maintenance everywhere else is not possible from here, so check right after
+    // leave returns, before a stabilize round could have noticed.
+    let leaving = peers.remove(1);
+    let addr = leaving.addr.clone();
+    leaving.leave_and_stop().await;
+    let refs: Vec<_> = peers.iter().collect();
+    for p in &refs {
+        let n = p.state.node.lock();
+        for v in &n.vnodes {
+            assert!(v.succ.first().is_none_or(|s| s.addr != addr), "{} still has the leaver as first successor", p.addr);
+            assert!(v.pred.as_ref().is_none_or(|s| s.addr != addr), "{} still has the leaver as predecessor", p.addr);
+        }
+    }
+    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
