@@ -96,7 +96,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown size unit {other:?} in {s:?}")),
     };
     let v = n * mult;
-    if !v.is_finite() || v < 0.0 || v > 1e18 {
+    if !v.is_finite() || !(0.0..=1e18).contains(&v) {
         return Err(format!("size {s:?} out of range"));
     }
     Ok(v as u64)

@@ -401,7 +401,8 @@ pub async fn maintain<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, 
 
 /// Leaves cleanly: each vnode's neighbours are told to splice it out.
 pub async fn leave<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T) {
-    let vnodes: Vec<(Contact<A>, Option<Contact<A>>, Vec<Contact<A>>)> = {
+    type Neighbours<A> = (Contact<A>, Option<Contact<A>>, Vec<Contact<A>>);
+    let vnodes: Vec<Neighbours<A>> = {
         let n = node.lock();
         n.vnodes.iter().map(|v| (n.contact(v.id), v.pred.clone(), v.succ.clone())).collect()
     };
