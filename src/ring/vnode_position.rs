@@ -293,8 +293,10 @@ pub(crate) mod tests {
         // For tuning: MS_MODEL_PEERS=100000 cargo test --release model_balance_at_scale_from_env -- --nocapture
         if let Ok(n) = std::env::var("MS_MODEL_PEERS") {
             let n: usize = n.parse().expect("MS_MODEL_PEERS is a number");
-            let (min, max) = model_balance(n, 42);
-            eprintln!("model peers={n} min={min:.4} max={max:.4}");
+            for seed in [42, 43, 44] {
+                let (min, max) = model_balance(n, seed);
+                eprintln!("model peers={n} seed={seed} min={min:.4} max={max:.4}");
+            }
         }
     }
 }
