@@ -102,8 +102,9 @@ fn the_majority_routes_around_a_partitioned_peer() {
         }
     }
     assert_eq!(bad, 0, "lookups from the majority side went wrong during the partition");
-    // Merging the isolated peer back after the partition heals is a known gap: its own
-    // vnodes form an island ring (see the issue note).
+    // Known gap, left for a later issue: after the partition heals, peer 7 (whose vnodes
+    // meanwhile formed an island ring of their own) merges back only slowly through the
+    // peers it remembers; at seed 12, 6 of 780 lookups are still wrong after 40 rounds.
 }
 
 #[test]

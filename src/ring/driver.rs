@@ -224,12 +224,15 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
         let n = node.lock();
         (n.addr.clone(), n.config.successor_list_len + 1)
     };
-    // Only our own vnodes left as successors while we have heard of other peers: we may
-    // be an island after a partition. Look ourselves up through them to merge back.
+    // Our first successor is one of our own vnodes while we have heard of other peers:
+    // we may be an island left by a partition (our vnodes pointing only at each other),
+    // which stabilize alone never notices. Now and then (one round in ISLAND_CHECK_EVERY,
+    // staggered by vnode), look ourselves up through a remembered peer to merge back.
     let island = {
         let n = node.lock();
-        let only_own = n.vnode(vnode).is_some_and(|v| !v.succ.is_empty() && v.succ.iter().all(|s| s.addr == me));
-        only_own && !n.seen.is_empty()
+        let own_first = n.vnode(vnode).and_then(|v| v.succ.first()).is_some_and(|s| s.addr == me);
+        let turn = (now_ms / 1000 + vnode.to_bytes()[19] as u64) % ISLAND_CHECK_EVERY == 0;
+        own_first && turn && !n.seen.is_empty()
     };
     if island {
         rejoin_vnode_via(node, net, vnode, ISLAND_PROBES, now_ms).await;
@@ -282,6 +285,7 @@ async fn rejoin_vnode<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, 
 /// How many remembered peers one maintenance round may ask (each may time out).
 const SEEN_PROBES: usize = 4;
 const ISLAND_PROBES: usize = 2;
+const ISLAND_CHECK_EVERY: u64 = 8;
 
 async fn rejoin_vnode_via<A: Addr, T: Transport<A>>(
     node: &Mutex<Node<A>>,
@@ -290,13 +294,16 @@ async fn rejoin_vnode_via<A: Addr, T: Transport<A>>(
     probes: usize,
     now_ms: u64,
 ) -> bool {
-    let seen = node.lock().seen.clone();
+    let (seen, me) = {
+        let n = node.lock();
+        (n.seen.clone(), n.addr.clone())
+    };
     for via in seen.iter().rev().take(probes) {
         let key = vnode.wrapping_add(Id::pow2(0));
-        if let Ok(found) = lookup_via_node(node, net, via, key, now_ms).await {
+        let (l, step) = Lookup::from_addrs_excluding(key, vec![via.clone()], me.clone());
+        if let Ok(found) = run_lookup(Some(node), net, l, step, now_ms).await {
             let mut n = node.lock();
             let r = n.config.successor_list_len;
-            let me = n.addr.clone();
             if let Some(v) = n.vnode_mut(vnode) {
                 let mut list = vec![found.owner];
                 list.extend(found.successors);

@@ -62,6 +62,16 @@ impl<A: Addr> Lookup<A> {
         (l, step)
     }
 
+    /// Like `from_addrs`, but never asks `exclude` (a peer checking its own place on the
+    /// ring must hear it from the others, not from its own possibly stale state).
+    pub fn from_addrs_excluding(key: Id, addrs: Vec<A>, exclude: A) -> (Lookup<A>, Step<A>) {
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), hops: 0 };
+        l.asked.insert(exclude);
+        l.start_addrs.reverse();
+        let step = l.next_step();
+        (l, step)
+    }
+
     pub fn key(&self) -> Id {
         self.key
     }
