@@ -107,10 +107,17 @@ pub fn choose_positions<P: PartialEq + Clone, R: Rng>(
     arcs.dedup_by_key(|s| s.vnode);
     // excess[i]: how much of the keyspace the owner of arcs[i] may still give away.
     let mut peers: Vec<(P, f64, f64)> = Vec::new(); // (peer, capacity, share left)
+    // arc_peer[i]: index in `peers` of the owner of arcs[i] (found once, not per slot).
+    let mut arc_peer: Vec<usize> = Vec::with_capacity(arcs.len());
     for s in &arcs {
-        if !peers.iter().any(|(p, _, _)| *p == s.peer) {
-            peers.push((s.peer.clone(), s.peer_capacity_bytes as f64, s.peer_share));
-        }
+        let pi = match peers.iter().position(|(p, _, _)| *p == s.peer) {
+            Some(pi) => pi,
+            None => {
+                peers.push((s.peer.clone(), s.peer_capacity_bytes as f64, s.peer_share));
+                peers.len() - 1
+            }
+        };
+        arc_peer.push(pi);
     }
     let mut used = vec![false; arcs.len()];
     let mut out: Vec<Id> = Vec::with_capacity(count);
@@ -127,7 +134,7 @@ pub fn choose_positions<P: PartialEq + Clone, R: Rng>(
             if used[i] {
                 continue;
             }
-            let pi = peers.iter().position(|(p, _, _)| *p == a.peer).expect("every arc's peer is in peers");
+            let pi = arc_peer[i];
             let (_, pcap, pshare) = &peers[pi];
             let ratio = if *pcap > 0.0 { pshare / (pcap * fair_density) } else { f64::INFINITY };
             let len = arc_fraction(a);
