@@ -231,7 +231,7 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
     let island = {
         let n = node.lock();
         let own_first = n.vnode(vnode).and_then(|v| v.succ.first()).is_some_and(|s| s.addr == me);
-        let turn = (now_ms / 1000 + vnode.to_bytes()[19] as u64) % ISLAND_CHECK_EVERY == 0;
+        let turn = (now_ms / 1000 + vnode.to_bytes()[19] as u64).is_multiple_of(ISLAND_CHECK_EVERY);
         own_first && turn && !n.seen.is_empty()
     };
     if island {
