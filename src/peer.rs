@@ -58,9 +58,6 @@ impl RunningPeer {
     pub async fn leave_and_stop(mut self) {
         self.maintenance.abort();
         driver::leave(&self.state.node, &*self.net).await;
-        // From here on we answer as a peer without vnodes, so nobody re-adopts us from a
-        // request that arrives before the server is down.
-        self.state.node.lock().vnodes.clear();
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
         }

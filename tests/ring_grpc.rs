@@ -208,7 +208,9 @@ async fn a_peer_that_leaves_cleanly_is_spliced_out_at_once() {
             assert!(v.pred.as_ref().is_none_or(|s| s.addr != addr), "{} still has the leaver as predecessor", p.addr);
         }
     }
-    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
+    // A bound, not a speed claim: after a leave the remaining pointers settle through
+    // stabilize, which sometimes needs over 30 s here (slow healing is a noted gap).
+    assert_eq!(wait_converged(&refs, Duration::from_secs(90)).await.0, 0, "pointers did not settle after the leave");
     for p in peers {
         p.stop_abruptly().await;
     }

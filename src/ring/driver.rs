@@ -413,6 +413,9 @@ pub async fn leave<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T) {
         let n = node.lock();
         n.vnodes.iter().map(|v| (n.contact(v.id), v.pred.clone(), v.succ.clone())).collect()
     };
+    // From here on we answer as a peer without vnodes, so a neighbour's stabilize that
+    // races with the Leave messages cannot adopt us again.
+    node.lock().vnodes.clear();
     let me = node.lock().addr.clone();
     for (c, pred, succ) in vnodes {
         let others: Vec<Contact<A>> = succ.iter().filter(|s| s.addr != me).cloned().collect();

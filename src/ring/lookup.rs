@@ -56,18 +56,19 @@ impl<A: Addr> Lookup<A> {
 
     /// A lookup by a process that is not (yet) in the ring: it starts at known peers.
     pub fn from_addrs(key: Id, addrs: Vec<A>) -> (Lookup<A>, Step<A>) {
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), hops: 0 };
-        l.start_addrs.reverse();
-        let step = l.next_step();
-        (l, step)
+        Self::starting_at(key, addrs, None)
     }
 
     /// Like `from_addrs`, but never asks `exclude` (a peer checking its own place on the
     /// ring must hear it from the others, not from its own possibly stale state).
     pub fn from_addrs_excluding(key: Id, addrs: Vec<A>, exclude: A) -> (Lookup<A>, Step<A>) {
+        Self::starting_at(key, addrs, Some(exclude))
+    }
+
+    fn starting_at(key: Id, mut addrs: Vec<A>, exclude: Option<A>) -> (Lookup<A>, Step<A>) {
+        addrs.reverse(); // popped from the back: the first given is asked first
         let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), hops: 0 };
-        l.asked.insert(exclude);
-        l.start_addrs.reverse();
+        l.asked.extend(exclude);
         let step = l.next_step();
         (l, step)
     }
