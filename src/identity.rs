@@ -17,6 +17,9 @@ pub struct Identity {
     pub peer_id: String,
     pub vnode_ids: Vec<String>,
     pub capacity_bytes: u64,
+    /// The erasure code of the ring this peer belongs to ("4+2"), fixed at ring creation.
+    #[serde(default)]
+    pub ring_code: Option<String>,
 }
 
 impl Identity {
@@ -26,6 +29,7 @@ impl Identity {
             peer_id: peer_id.to_hex(),
             vnode_ids: vnodes.iter().map(|v| v.to_hex()).collect(),
             capacity_bytes,
+            ring_code: None,
         }
     }
 

@@ -2,7 +2,9 @@
 //! the library. Every failure is one line on stderr and a non-zero exit.
 
 use clap::{Parser, Subcommand};
-use mutualstore::files::BlockClient;
+use mutualstore::erasure::upkeep::UpkeepConfig;
+use mutualstore::erasure::Code;
+use mutualstore::files::{FileClient, Progress};
 use mutualstore::peer::{self, PeerConfig};
 use mutualstore::ring::Id;
 use mutualstore::rpc::NetAddr;
@@ -40,6 +42,28 @@ enum Cmd {
         /// Seconds between maintenance rounds (stabilize, fix fingers).
         #[arg(long, default_value_t = 1.0)]
         maintenance_s: f64,
+        /// Erasure code of a new ring, K+M (K data + M parity shards per stripe). Fixed
+        /// when the ring is created; a joiner takes the ring's.
+        #[arg(long)]
+        code: Option<Code>,
+        /// Seconds a stripe may miss a shard before it is rebuilt on another peer.
+        #[arg(long, default_value_t = 300.0)]
+        grace_s: f64,
+        /// Seconds between upkeep scans (repair, rebalance, scrub).
+        #[arg(long, default_value_t = 10.0)]
+        upkeep_s: f64,
+        /// Cap on repair and rebalance traffic, e.g. 64MiB (per second); 0 = no cap.
+        #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+        repair_rate: u64,
+        /// On SIGTERM/SIGINT, move every shard to other peers before leaving.
+        #[arg(long)]
+        drain_on_exit: bool,
+    },
+    /// Ask a peer to move its shards to others, leave the ring and exit.
+    Leave {
+        /// The peer that leaves.
+        #[arg(long)]
+        join: String,
     },
     /// Show the ring's peers and their load.
     Status {
@@ -120,9 +144,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Peer { listen, advertise, data, capacity, join, maintenance_s } => {
+        Cmd::Peer { listen, advertise, data, capacity, join, maintenance_s, code, grace_s, upkeep_s, repair_rate, drain_on_exit } => {
             if !(0.05..=3600.0).contains(&maintenance_s) {
                 return Err(format!("--maintenance-s {maintenance_s} outside 0.05..3600"));
+            }
+            if !(0.0..=86400.0 * 30.0).contains(&grace_s) {
+                return Err(format!("--grace-s {grace_s} outside 0..2592000"));
+            }
+            if !(0.1..=86400.0).contains(&upkeep_s) {
+                return Err(format!("--upkeep-s {upkeep_s} outside 0.1..86400"));
             }
             let cfg = PeerConfig {
                 advertise: advertise.unwrap_or_else(|| listen.clone()),
@@ -132,16 +162,49 @@ fn run(cli: Cli) -> Result<(), String> {
                 join,
                 maintenance_interval: Duration::from_secs_f64(maintenance_s),
                 fingers_per_round: 4,
+                code,
+                upkeep: UpkeepConfig {
+                    interval: Duration::from_secs_f64(upkeep_s),
+                    grace: Duration::from_secs_f64(grace_s),
+                    rate_bytes_per_sec: repair_rate,
+                    ..UpkeepConfig::default()
+                },
             };
             runtime()?.block_on(async move {
                 let p = peer::start(cfg).await?;
-                println!("peer {} serving at {}", p.state.node.lock().peer_id.short(), p.addr);
-                peer::wait_for_signal().await;
-                log::info!("leaving the ring");
-                p.leave_and_stop().await;
+                println!("peer {} serving at {} (ring code {})", p.state.node.lock().peer_id.short(), p.addr, p.state.code);
+                tokio::select! {
+                    _ = peer::wait_for_signal() => {
+                        if drain_on_exit {
+                            log::info!("draining: moving shards to other peers before leaving");
+                            let r = p.drain_and_stop().await;
+                            if r.left > 0 {
+                                return Err(format!("drained {} shards but {} could not be moved", r.moved, r.left));
+                            }
+                        } else {
+                            log::info!("leaving the ring");
+                            p.leave_and_stop().await;
+                        }
+                    }
+                    _ = p.drained() => {
+                        log::info!("drained and left the ring");
+                        p.stop_abruptly().await;
+                    }
+                }
                 Ok(())
             })
         }
+        Cmd::Leave { join } => runtime()?.block_on(async move {
+            let addr = join_addr(&join)?;
+            let net = mutualstore::rpc::client::GrpcNet::new();
+            net.hello(&addr, "").await.map_err(|e| format!("cannot reach {join}: {e}"))?;
+            let r = net.drain(&addr, Duration::from_secs(3600)).await.map_err(|e| format!("drain of {join} failed: {e}"))?;
+            if r.shards_left > 0 {
+                return Err(format!("{join} moved {} shards but {} could not be moved; it has left the ring anyway", r.shards_moved, r.shards_left));
+            }
+            println!("{join} moved {} shards and left the ring", r.shards_moved);
+            Ok(())
+        }),
         Cmd::Status { join, json } => runtime()?.block_on(async move {
             let net = mutualstore::rpc::client::GrpcNet::new();
             let addr = join_addr(&join)?;
@@ -154,18 +217,22 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }),
         Cmd::Put { file, join } => runtime()?.block_on(async move {
-            let client = BlockClient::new(vec![join_addr(&join)?]);
-            check_reachable(&client, &join).await?;
-            let handle = client.put_file(&file).await.map_err(|e| e.to_string())?;
-            println!("{}", handle.to_hex());
+            let client = FileClient::connect(join_addr(&join)?).await?;
+            let len = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+            let (bar, progress) = progress_bar(len, "put");
+            let handle = client.put_file(&file, progress).await.map_err(|e| e.to_string());
+            bar.finish_and_clear();
+            println!("{}", handle?.to_hex());
             Ok(())
         }),
         Cmd::Get { handle, output, join } => runtime()?.block_on(async move {
             let h = Id::from_hex(handle.trim()).ok_or_else(|| format!("bad handle {handle:?}: want 40 hex digits"))?;
-            let client = BlockClient::new(vec![join_addr(&join)?]);
-            check_reachable(&client, &join).await?;
-            let n = client.get_file(h, &output).await.map_err(|e| e.to_string())?;
-            eprintln!("wrote {n} bytes to {}", output.display());
+            let client = FileClient::connect(join_addr(&join)?).await?;
+            let (size, _) = client.manifest(h).await.map_err(|e| e.to_string())?;
+            let (bar, progress) = progress_bar(size, "get");
+            let n = client.get_file(h, &output, progress).await.map_err(|e| e.to_string());
+            bar.finish_and_clear();
+            eprintln!("wrote {} bytes to {}", n?, output.display());
             Ok(())
         }),
         Cmd::Sim { peers, fail, lookups, seed, json } => {
@@ -191,6 +258,19 @@ fn join_addr(s: &str) -> Result<NetAddr, String> {
     mutualstore::rpc::convert::addr_from(s).map_err(|st| format!("--join {s:?}: {}", st.message()))
 }
 
-async fn check_reachable(client: &BlockClient, join: &str) -> Result<(), String> {
-    client.net.hello(&NetAddr::from(join), "").await.map(|_| ()).map_err(|e| format!("cannot reach {join}: {e}"))
+/// A progress bar on stderr when it is a terminal (hidden otherwise, so scripts and
+/// logs stay clean).
+fn progress_bar(len: u64, verb: &str) -> (indicatif::ProgressBar, Option<Progress>) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return (indicatif::ProgressBar::hidden(), None);
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(verb.to_string());
+    let b = bar.clone();
+    (bar, Some(std::sync::Arc::new(move |n| b.set_position(n))))
 }

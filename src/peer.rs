@@ -5,6 +5,8 @@
 //! leave on SIGTERM/SIGINT). The ring logic lives in `ring`, the wire in `rpc`.
 
 use crate::blockstore::DiskImage;
+use crate::erasure::upkeep::{DrainReport, Upkeep, UpkeepConfig};
+use crate::erasure::Code;
 use crate::identity::Identity;
 use crate::ring::driver::{self, Transport};
 use crate::ring::vnode_position::{choose_positions, first_peer_positions, vnode_count};
@@ -28,6 +30,9 @@ pub struct PeerConfig {
     pub join: Option<String>,
     pub maintenance_interval: Duration,
     pub fingers_per_round: usize,
+    /// The erasure code for a new ring; when joining, it must match the ring's if given.
+    pub code: Option<Code>,
+    pub upkeep: UpkeepConfig,
 }
 
 impl PeerConfig {
@@ -51,12 +56,15 @@ pub struct RunningPeer {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
     maintenance: tokio::task::JoinHandle<()>,
+    upkeep: tokio::task::JoinHandle<()>,
+    drained: Arc<tokio::sync::Notify>,
 }
 
 impl RunningPeer {
     /// Leaves the ring cleanly (neighbours splice us out) and stops serving.
     pub async fn leave_and_stop(mut self) {
         self.maintenance.abort();
+        self.upkeep.abort();
         driver::leave(&self.state.node, &*self.net).await;
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
@@ -67,9 +75,34 @@ impl RunningPeer {
         }
     }
 
+    /// Moves every shard to the peers that hold them once we are gone, leaves the ring,
+    /// and stops serving.
+    pub async fn drain_and_stop(mut self) -> DrainReport {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let report = match self.state.drain_requests.send(tx).await {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(_) => DrainReport::default(),
+        };
+        self.maintenance.abort();
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.server).await.is_err() {
+            self.server.abort();
+        }
+        report
+    }
+
+    /// Resolves once a Drain request (from `mutualstore-fs leave`) has completed and the
+    /// peer has left the ring.
+    pub async fn drained(&self) {
+        self.drained.notified().await
+    }
+
     /// Stops without telling anyone (like a crash, but the process lives on: for tests).
     pub async fn stop_abruptly(mut self) {
         self.maintenance.abort();
+        self.upkeep.abort();
         if let Some(s) = self.shutdown.take() {
             let _ = s.send(());
         }
@@ -91,9 +124,10 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     let addr: NetAddr = NetAddr::from(advertise.as_str());
     let net = Arc::new(GrpcNet::new());
     let bootstrap: Option<NetAddr> = cfg.join.as_deref().map(NetAddr::from);
-    if let Some(b) = &bootstrap {
-        net.hello(b, &addr).await.map_err(|e| format!("cannot join via {b}: {e}"))?;
-    }
+    let ring_code = match &bootstrap {
+        Some(b) => Some(net.hello(b, &addr).await.map_err(|e| format!("cannot join via {b}: {e}"))?.1),
+        None => None,
+    };
 
     let identity = match Identity::load(&cfg.data_dir)? {
         Some(id) => {
@@ -124,6 +158,13 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         }
     };
 
+    let code = settle_code(&cfg, identity.ring_code.as_deref(), ring_code)?;
+    if identity.ring_code.as_deref() != Some(code.to_string().as_str()) {
+        let mut id = identity.clone();
+        id.ring_code = Some(code.to_string());
+        id.save(&cfg.data_dir)?;
+    }
+
     let data_dir = cfg.data_dir.clone();
     let capacity = cfg.capacity_bytes;
     let store = tokio::task::spawn_blocking(move || DiskImage::open(&data_dir, capacity))
@@ -134,7 +175,16 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     if bootstrap.is_none() {
         node.create_ring();
     }
-    let state = Arc::new(PeerState { node: Arc::new(Mutex::new(node)), store: Arc::new(store), started: Instant::now() });
+    let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
+    let state = Arc::new(PeerState {
+        node: Arc::new(Mutex::new(node)),
+        store: Arc::new(store),
+        started: Instant::now(),
+        code,
+        upkeep: Mutex::new(Default::default()),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        drain_requests: drain_tx,
+    });
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let svc = PeerService { state: state.clone() }.into_server();
@@ -192,7 +242,55 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         })
     };
 
-    Ok(RunningPeer { state, net, addr, shutdown: Some(tx), server, maintenance })
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let upkeep = tokio::spawn(run_upkeep(Upkeep::new(state.clone(), net.clone(), addr.clone(), cfg.upkeep.clone()), cfg.upkeep.interval, drain_rx, state.clone(), net.clone(), drained.clone()));
+
+    Ok(RunningPeer { state, net, addr, shutdown: Some(tx), server, maintenance, upkeep, drained })
+}
+
+/// The ring's code: what the ring says when joining, else what this peer stored, else
+/// the configured one for a new ring. Any disagreement is an error, not a guess.
+fn settle_code(cfg: &PeerConfig, stored: Option<&str>, ring: Option<Code>) -> Result<Code, String> {
+    let stored: Option<Code> = stored.map(|s| s.parse()).transpose().map_err(|e| format!("{}: stored ring code: {e}", cfg.data_dir.display()))?;
+    let code = ring.or(stored).or(cfg.code).unwrap_or(Code::DEFAULT);
+    if let Some(c) = cfg.code.filter(|c| *c != code) {
+        return Err(format!("--code {c} differs from the ring's code {code}; the code is fixed when a ring is created"));
+    }
+    if let Some(s) = stored.filter(|s| *s != code) {
+        return Err(format!("{} belongs to a ring with code {s}, but the ring at {} uses {code}", cfg.data_dir.display(), cfg.join.as_deref().unwrap_or("?")));
+    }
+    Ok(code)
+}
+
+/// Runs upkeep scans on a timer; a drain request pre-empts them, after which the peer
+/// leaves the ring and `drained` is notified so its owner can exit.
+async fn run_upkeep(
+    mut upkeep: Upkeep,
+    every: Duration,
+    mut drains: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<DrainReport>>,
+    state: Arc<PeerState>,
+    net: Arc<GrpcNet>,
+    drained: Arc<tokio::sync::Notify>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                upkeep.scan().await;
+            }
+            req = drains.recv() => {
+                let Some(reply) = req else { return };
+                let report = upkeep.drain().await;
+                log::info!("drained: {} shards moved, {} left", report.moved, report.left);
+                driver::leave(&state.node, &*net).await;
+                let _ = reply.send(report);
+                drained.notify_one();
+                return;
+            }
+        }
+    }
 }
 
 fn tokio_stream_from(

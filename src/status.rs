@@ -22,6 +22,30 @@ pub struct PeerRow {
     pub keyspace_share: f64,
     pub capacity_share: f64,
     pub alive: bool,
+    /// Stripes this peer coordinates, and of those the degraded ones.
+    pub stripes: u64,
+    pub degraded_stripes: u64,
+    pub repair_queue: u64,
+    pub draining: bool,
+}
+
+/// Ring-wide stripe health, summed over the peers (each stripe is counted by one peer).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StripeHealth {
+    pub stripes_total: u64,
+    pub degraded_stripes: u64,
+    /// Stripes with only k shards left: one more loss makes them unreadable.
+    pub stripes_at_risk: u64,
+    pub repair_queue: u64,
+    pub repair_bytes_per_sec: f64,
+    pub repaired_shards: u64,
+    pub repaired_bytes: u64,
+    pub moved_shards: u64,
+    pub moved_bytes: u64,
+    /// Stripes whose ring has fewer than k+m peers to hold them.
+    pub unplaceable_stripes: u64,
+    /// Every live peer has finished at least one upkeep scan (the figures are current).
+    pub scanned: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -29,10 +53,18 @@ pub struct RingStatus {
     pub peers: Vec<PeerRow>,
     pub ring_size: usize,
     pub protocol_version: u32,
+    /// The ring's erasure code, "k+m".
+    pub code: String,
+    pub code_k: u32,
+    pub code_m: u32,
+    #[serde(flatten)]
+    pub health: StripeHealth,
 }
 
 pub async fn collect(net: &GrpcNet, join: &NetAddr) -> Result<RingStatus, String> {
     let first = net.peer_info(join).await.map_err(|e| format!("cannot reach {join}: {e}"))?;
+    let (code_k, code_m) = (first.code_k, first.code_m);
+    let mut health = StripeHealth { scanned: true, ..StripeHealth::default() };
     let mut rows: BTreeMap<String, PeerRow> = BTreeMap::new();
     let mut queue: VecDeque<(NetAddr, Option<crate::rpc::pb::PeerInfoResponse>)> = VecDeque::new();
     queue.push_back((join.clone(), Some(first)));
@@ -54,6 +86,10 @@ pub async fn collect(net: &GrpcNet, join: &NetAddr) -> Result<RingStatus, String
                 keyspace_share: 0.0,
                 capacity_share: 0.0,
                 alive: false,
+                stripes: 0,
+                degraded_stripes: 0,
+                repair_queue: 0,
+                draining: false,
             });
             continue;
         };
@@ -69,6 +105,18 @@ pub async fn collect(net: &GrpcNet, join: &NetAddr) -> Result<RingStatus, String
             }
         }
         let id = crate::ring::Id::from_slice(&info.peer_id).map(|i| i.to_hex()).unwrap_or_else(|| "?".into());
+        let u = info.upkeep.unwrap_or_default();
+        health.stripes_total += u.stripes;
+        health.degraded_stripes += u.degraded;
+        health.stripes_at_risk += u.at_risk;
+        health.repair_queue += u.repair_queue;
+        health.repair_bytes_per_sec += u.repair_bytes_per_sec;
+        health.repaired_shards += u.repaired_shards;
+        health.repaired_bytes += u.repaired_bytes;
+        health.moved_shards += u.moved_shards;
+        health.moved_bytes += u.moved_bytes;
+        health.unplaceable_stripes += u.unplaceable;
+        health.scanned &= u.scans > 0;
         rows.insert(addr.to_string(), PeerRow {
             id,
             addr: addr.to_string(),
@@ -79,6 +127,10 @@ pub async fn collect(net: &GrpcNet, join: &NetAddr) -> Result<RingStatus, String
             keyspace_share: info.keyspace_share,
             capacity_share: 0.0,
             alive: true,
+            stripes: u.stripes,
+            degraded_stripes: u.degraded,
+            repair_queue: u.repair_queue,
+            draining: info.draining,
         });
     }
     let total: f64 = rows.values().filter(|r| r.alive).map(|r| r.capacity_bytes as f64).sum();
@@ -89,7 +141,7 @@ pub async fn collect(net: &GrpcNet, join: &NetAddr) -> Result<RingStatus, String
     }
     let peers: Vec<PeerRow> = rows.into_values().collect();
     let ring_size = peers.iter().filter(|r| r.alive).count();
-    Ok(RingStatus { peers, ring_size, protocol_version: PROTOCOL_VERSION })
+    Ok(RingStatus { peers, ring_size, protocol_version: PROTOCOL_VERSION, code: format!("{code_k}+{code_m}"), code_k, code_m, health })
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -110,7 +162,7 @@ pub fn human_bytes(b: u64) -> String {
 pub fn table(st: &RingStatus) -> String {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-    t.set_header(vec!["id", "address", "vnodes", "capacity", "used", "blocks", "keyspace", "capacity share", "alive"]);
+    t.set_header(vec!["id", "address", "vnodes", "capacity", "used", "blocks", "keyspace", "capacity share", "stripes", "degraded", "alive"]);
     for p in &st.peers {
         t.add_row(vec![
             p.id.chars().take(8).collect::<String>(),
@@ -121,8 +173,27 @@ pub fn table(st: &RingStatus) -> String {
             p.blocks.to_string(),
             format!("{:.1}%", p.keyspace_share * 100.0),
             format!("{:.1}%", p.capacity_share * 100.0),
-            if p.alive { "yes".into() } else { "NO".into() },
+            p.stripes.to_string(),
+            p.degraded_stripes.to_string(),
+            if !p.alive { "NO".into() } else if p.draining { "draining".into() } else { "yes".into() },
         ]);
     }
-    format!("{t}\nring: {} peers alive, protocol v{}", st.ring_size, st.protocol_version)
+    let h = &st.health;
+    format!(
+        "{t}\nring: {} peers alive, protocol v{}, code {}\nstripes: {} total, {} degraded, {} at risk (only k shards left), {} unplaceable\nrepair: {} queued, {}/s now, {} shards ({}) rebuilt; {} shards ({}) moved by rebalance{}",
+        st.ring_size,
+        st.protocol_version,
+        st.code,
+        h.stripes_total,
+        h.degraded_stripes,
+        h.stripes_at_risk,
+        h.unplaceable_stripes,
+        h.repair_queue,
+        human_bytes(h.repair_bytes_per_sec as u64),
+        h.repaired_shards,
+        human_bytes(h.repaired_bytes),
+        h.moved_shards,
+        human_bytes(h.moved_bytes),
+        if h.scanned { "" } else { "\n(some peers have not finished an upkeep scan yet)" }
+    )
 }

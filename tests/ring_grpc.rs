@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use mutualstore::files::BlockClient;
+use mutualstore::files::FileClient;
 use mutualstore::ring::{driver, Id};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
@@ -101,12 +101,12 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
         rng.fill(&mut data[..]);
         let src = dir.path().join(format!("in{i}"));
         std::fs::write(&src, &data).unwrap();
-        let client = BlockClient::new(vec![peers[i % 3].addr.clone()]);
-        let h = client.put_file(&src).await.unwrap_or_else(|e| panic!("put of {size} bytes: {e}"));
+        let client = FileClient::connect(peers[i % 3].addr.clone()).await.unwrap();
+        let h = client.put_file(&src, None).await.unwrap_or_else(|e| panic!("put of {size} bytes: {e}"));
         // read back through a different peer
-        let reader = BlockClient::new(vec![peers[(i + 1) % 3].addr.clone()]);
+        let reader = FileClient::connect(peers[(i + 1) % 3].addr.clone()).await.unwrap();
         let out = dir.path().join(format!("out{i}"));
-        assert_eq!(reader.get_file(h, &out).await.unwrap(), size as u64);
+        assert_eq!(reader.get_file(h, &out, None).await.unwrap(), size as u64);
         assert!(std::fs::read(&out).unwrap() == data, "{size}-byte file differs after the round trip");
         handles.push((h, data));
     }
@@ -143,7 +143,7 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
     assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
     for (i, (h, data)) in handles.iter().enumerate() {
         let out = dir.path().join(format!("again{i}"));
-        BlockClient::new(vec![peers[2].addr.clone()]).get_file(*h, &out).await.unwrap();
+        FileClient::connect(peers[2].addr.clone()).await.unwrap().get_file(*h, &out, None).await.unwrap();
         assert!(std::fs::read(&out).unwrap() == *data);
     }
     for p in peers {
@@ -161,7 +161,7 @@ async fn the_wire_refuses_bad_input_with_clear_status() {
 
     let e = c.hello(pb::HelloRequest { protocol_version: 999, addr: String::new() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(e.message().contains("v1") && e.message().contains("v999"), "names both versions: {}", e.message());
+    assert!(e.message().contains(&format!("v{}", mutualstore::rpc::PROTOCOL_VERSION)) && e.message().contains("v999"), "names both versions: {}", e.message());
 
     let e = c.find_next(pb::FindNextRequest { key: vec![1, 2, 3] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -210,7 +210,8 @@ async fn a_peer_that_leaves_cleanly_is_spliced_out_at_once() {
     }
     // A bound, not a speed claim: after a leave the remaining pointers settle through
     // stabilize, which sometimes needs over 30 s here (slow healing is a noted gap).
-    assert_eq!(wait_converged(&refs, Duration::from_secs(90)).await.0, 0, "pointers did not settle after the leave");
+    let left = wait_converged(&refs, Duration::from_secs(90)).await.0;
+    assert_eq!(left, 0, "pointers did not settle after the leave (leaver {addr}):\n{}", wrong_pointers_described(&refs).2);
     for p in peers {
         p.stop_abruptly().await;
     }

@@ -354,6 +354,32 @@ impl DiskImage {
         self.index.lock().live.keys().copied().collect()
     }
 
+    /// Stored keys in [from, to] (inclusive), ascending.
+    pub fn keys_between(&self, from: &BlockKey, to: &BlockKey) -> Vec<BlockKey> {
+        if from > to {
+            return Vec::new();
+        }
+        self.index.lock().live.range(*from..=*to).map(|(k, _)| *k).collect()
+    }
+
+    /// The metadata stored with a block, read from its (checksummed) header alone, so a
+    /// scan over every block's metadata does not read the data. Ok(None) if absent.
+    pub fn meta(&self, key: &BlockKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(e) = self.index.lock().live.get(key).copied() else {
+            return Ok(None);
+        };
+        let mut hb = [0u8; HEADER_LEN];
+        self.file.read_exact_at(&mut hb, e.unit * UNIT)?;
+        match Header::decode(&hb, self.nonce, e.unit, self.total_units) {
+            Ok(h) if h.kind == Kind::Block && h.key == *key && h.seq == e.seq => Ok(Some(h.meta)),
+            // Replaced meanwhile, or damaged: get() is the authority on which.
+            _ => match self.get(key)? {
+                Some(b) => Ok(Some(b.meta)),
+                None => Ok(None),
+            },
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.index.lock().live.len()
     }

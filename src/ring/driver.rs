@@ -73,6 +73,11 @@ async fn run_lookup<A: Addr, T: Transport<A>>(
     }
 }
 
+/// Successor-list fetches a walk may make beyond the lookup's own answer.
+const MAX_WALK_EXTENSIONS: usize = 16;
+/// Vnodes of a walk, from its end backwards, asked to extend it before giving up.
+const WALK_EXTEND_TRIES: usize = 4;
+
 /// Finds the owner of `key`, starting from this peer's own routing state.
 pub async fn lookup<A: Addr, T: Transport<A>>(
     node: &Mutex<Node<A>>,
@@ -99,6 +104,62 @@ pub async fn neighbors<A: Addr, T: Transport<A>>(net: &T, c: &Contact<A>) -> Res
         RingResponse::Neighbors(info) => Ok(info),
         other => Err(unexpected("Neighbors", &other)),
     }
+}
+
+/// The owner of `key` and the vnodes after it, walked until `peers` distinct peers are
+/// seen or the walk comes back around (a ring smaller than `peers` gives all it has).
+/// A lookup answer carries a successor list; the walk asks further only when vnodes of
+/// the same peers fill that list.
+pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id, peers: usize) -> Result<Vec<Contact<A>>, LookupError> {
+    let found = lookup_via(net, start.clone(), key).await?;
+    let mut walk: Vec<Contact<A>> = vec![found.owner.clone()];
+    walk.extend(found.successors.iter().filter(|c| c.id != found.owner.id).cloned());
+    let distinct = |w: &[Contact<A>]| {
+        let mut seen: Vec<&A> = Vec::new();
+        for c in w {
+            if !seen.contains(&&c.addr) {
+                seen.push(&c.addr);
+            }
+        }
+        seen.len()
+    };
+    for _ in 0..MAX_WALK_EXTENSIONS {
+        if distinct(&walk) >= peers {
+            break;
+        }
+        // Extend from the last vnode of the walk that answers (the last may be dead).
+        let mut info = None;
+        for c in walk.iter().rev().take(WALK_EXTEND_TRIES) {
+            if let Ok(i) = neighbors(net, c).await {
+                if i.vnode_exists {
+                    info = Some(i);
+                    break;
+                }
+            }
+        }
+        let next: Vec<Contact<A>> = match info {
+            Some(info) => info.succ,
+            // None of them answers: look up what follows the walk's end instead.
+            None => {
+                let last = walk.last().expect("walk starts with the owner").id;
+                let Ok(f) = lookup_via(net, start.clone(), last.wrapping_add(Id::pow2(0))).await else { break };
+                std::iter::once(f.owner).chain(f.successors).collect()
+            }
+        };
+        let before = walk.len();
+        let known: Vec<Id> = walk.iter().map(|w| w.id).collect();
+        let fresh: Vec<Contact<A>> = next.into_iter().skip_while(|c| known.contains(&c.id)).collect();
+        for c in fresh {
+            if c.id == found.owner.id || walk.iter().any(|w| w.id == c.id) {
+                break;
+            }
+            walk.push(c);
+        }
+        if walk.len() == before {
+            break;
+        }
+    }
+    Ok(walk)
 }
 
 /// Samples the ring for vnode placement: random lookups, each followed by a short walk
@@ -248,7 +309,7 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                 let first = {
                     let mut n = node.lock();
                     n.remember(&succ.addr);
-                    n.apply_stabilize(vnode, &succ, &info)
+                    n.apply_stabilize(vnode, &succ, &info, now_ms)
                 };
                 if let Some(first) = first {
                     let cand = Contact { id: vnode, addr: me.clone() };
@@ -258,10 +319,9 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                 return;
             }
             Ok(_) => {
-                // That vnode is gone (its peer left or changed identity): drop just it.
-                if let Some(v) = node.lock().vnode_mut(vnode) {
-                    v.succ.retain(|s| s.id != succ.id);
-                }
+                // That vnode is gone (its peer left or changed identity): drop just it,
+                // everywhere, and keep it from being copied back from neighbours' lists.
+                node.lock().mark_gone(succ.id, now_ms);
             }
             Err(_) => {
                 // Unreachable from this vnode: skip it. If it was only a lost message,
@@ -350,6 +410,7 @@ pub async fn check_predecessor<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, 
                 v.pred_seen_ms = now_ms;
             }
         }
+        Ok(RingResponse::Neighbors(_)) => node.lock().mark_gone(pred.id, now_ms),
         _ => {
             if let Some(v) = node.lock().vnode_mut(vnode) {
                 if v.pred.as_ref().is_some_and(|p| p.id == pred.id) {

@@ -150,7 +150,16 @@ pub struct Node<A> {
     /// Peers recently heard of, kept even when pointers to them are dropped: the way
     /// back into the ring for a vnode that lost every successor (after a partition).
     pub seen: Vec<A>,
+    /// Vnodes recently found not to exist (their peer left or changed identity), with the
+    /// time until which they are kept out of successor lists copied from neighbours.
+    /// Without this a departed vnode lingers deep in lists that wrap a small ring and is
+    /// copied back from one neighbour to the next forever.
+    pub gone: Vec<(Id, u64)>,
 }
+
+/// How long a vnode found gone is kept out of copied successor lists.
+pub const GONE_TTL_MS: u64 = 30_000;
+const GONE_MAX: usize = 64;
 
 /// How many recently seen peer addresses a node keeps for rejoining.
 pub const SEEN_ADDRS: usize = 32;
@@ -160,7 +169,7 @@ impl<A: Addr> Node<A> {
         let mut vnodes: Vec<Vnode<A>> = vnode_ids.iter().map(|&id| Vnode::new(id)).collect();
         vnodes.sort_by_key(|v| v.id);
         vnodes.dedup_by_key(|v| v.id);
-        Node { addr, peer_id, capacity_bytes, config, vnodes, seen: Vec::new() }
+        Node { addr, peer_id, capacity_bytes, config, vnodes, seen: Vec::new(), gone: Vec::new() }
     }
 
     /// A ring of one: every vnode's successors and predecessor are our own vnodes.
@@ -228,10 +237,16 @@ impl<A: Addr> Node<A> {
             let closest = (after + n - 1) % n;
             for k in 0..ROUTE_VNODES.min(n) {
                 let v = &self.vnodes[(closest + n - k) % n];
-                if let Some(first) = v.succ.first() {
-                    if key.in_open_closed(v.id, first.id) {
-                        return Route::Found { owner: first.clone(), successors: v.succ[1..].to_vec() };
+                // The successor list names every vnode over a stretch of ring: a key in
+                // that stretch is answered from it. Besides saving hops, this is what gets
+                // a lookup past a dead vnode that everyone still routes to: the peers
+                // before it know who follows it.
+                let mut prev = v.id;
+                for (j, s) in v.succ.iter().enumerate() {
+                    if key.in_open_closed(prev, s.id) {
+                        return Route::Found { owner: s.clone(), successors: v.succ[j + 1..].to_vec() };
                     }
+                    prev = s.id;
                 }
                 for c in v.closest_preceding(key).into_iter().flatten() {
                     candidates.push(c.clone());
@@ -281,6 +296,8 @@ impl<A: Addr> Node<A> {
     /// `as_successor`, our successor: a joiner announcing itself to the vnode before it).
     pub fn notify(&mut self, vnode_id: Id, candidate: Contact<A>, as_successor: bool, now_ms: u64) -> bool {
         let r = self.config.successor_list_len;
+        // A vnode that notifies us exists, whatever we concluded before.
+        self.gone.retain(|(g, _)| *g != candidate.id);
         let Some(v) = self.vnode_mut(vnode_id) else { return false };
         if candidate.id == v.id {
             return false;
@@ -325,6 +342,9 @@ impl<A: Addr> Node<A> {
         now_ms: u64,
     ) {
         let r = self.config.successor_list_len;
+        if self.vnode(vnode_id).is_some() {
+            self.mark_gone(leaving.id, now_ms);
+        }
         let Some(v) = self.vnode_mut(vnode_id) else { return };
         if v.pred.as_ref().is_some_and(|p| p.id == leaving.id) {
             v.pred = new_pred.filter(|p| p.id != leaving.id);
@@ -336,6 +356,26 @@ impl<A: Addr> Node<A> {
             v.set_successors(list, r);
         }
         v.fingers.retain(|f| f.id != leaving.id);
+    }
+
+    /// Records that vnode `id` does not exist any more and drops it from every pointer.
+    pub fn mark_gone(&mut self, id: Id, now_ms: u64) {
+        self.gone.retain(|(g, until)| *g != id && *until > now_ms);
+        if self.gone.len() == GONE_MAX {
+            self.gone.remove(0);
+        }
+        self.gone.push((id, now_ms + GONE_TTL_MS));
+        for v in &mut self.vnodes {
+            v.succ.retain(|s| s.id != id);
+            v.fingers.retain(|f| f.id != id);
+            if v.pred.as_ref().is_some_and(|p| p.id == id) {
+                v.pred = None;
+            }
+        }
+    }
+
+    pub fn is_gone(&self, id: Id, now_ms: u64) -> bool {
+        self.gone.iter().any(|(g, until)| *g == id && *until > now_ms)
     }
 
     pub fn remember(&mut self, addr: &A) {
@@ -370,13 +410,14 @@ impl<A: Addr> Node<A> {
 
     /// Stabilize, second half: our first successor told us its predecessor `x` and its
     /// successor list. Returns the successor to notify.
-    pub fn apply_stabilize(&mut self, vnode_id: Id, succ: &Contact<A>, info: &NeighborsInfo<A>) -> Option<Contact<A>> {
+    pub fn apply_stabilize(&mut self, vnode_id: Id, succ: &Contact<A>, info: &NeighborsInfo<A>, now_ms: u64) -> Option<Contact<A>> {
         let r = self.config.successor_list_len;
         let me = self.contact(vnode_id);
+        let gone: Vec<Id> = self.gone.iter().filter(|(_, until)| *until > now_ms).map(|(g, _)| *g).collect();
         let v = self.vnode_mut(vnode_id)?;
         let mut first = succ.clone();
         if let Some(x) = &info.pred {
-            if x.id.in_open_open(v.id, succ.id) && x.id != v.id {
+            if x.id.in_open_open(v.id, succ.id) && x.id != v.id && !gone.contains(&x.id) {
                 first = x.clone();
             }
         }
@@ -389,7 +430,7 @@ impl<A: Addr> Node<A> {
         }
         // Our own successor list is the successor's list shifted by one: entries that
         // wrapped around past us are dropped by set_successors' distance sort + truncate.
-        list.retain(|c| c.id != me.id);
+        list.retain(|c| c.id != me.id && !gone.contains(&c.id));
         v.set_successors(list, r);
         v.succ.first().cloned()
     }

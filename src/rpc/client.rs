@@ -6,6 +6,9 @@ use super::convert::*;
 use super::pb;
 use super::pb::peer_client::PeerClient;
 use super::{NetAddr, BLOCK_CALL_TIMEOUT, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RING_CALL_TIMEOUT};
+use super::MAX_HOLDINGS_STRIPES;
+use crate::erasure::stripe::{Shard, ShardMeta};
+use crate::erasure::Code;
 use crate::ring::driver::Transport;
 use crate::ring::{Id, NetError, RingRequest, RingResponse};
 use parking_lot::Mutex;
@@ -13,17 +16,29 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::Status;
 
-#[derive(Default)]
 pub struct GrpcNet {
     channels: Mutex<HashMap<NetAddr, Channel>>,
+    /// Deadline of one ring call (a lookup hop, a maintenance call). Clients use a short
+    /// one: a lookup hop that does not answer quickly is routed around, so a frozen peer
+    /// costs a client one short wait rather than the peers' patient 2 s.
+    ring_timeout: Duration,
 }
+
+impl Default for GrpcNet {
+    fn default() -> Self {
+        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT }
+    }
+}
+
+/// Ring-call deadline for clients (put/get, the filesystem).
+pub const CLIENT_RING_CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub fn net_error(addr: &str, s: Status) -> NetError {
     match s.code() {
-        Code::DeadlineExceeded => NetError::Timeout(0),
-        Code::Unavailable | Code::Unknown | Code::Cancelled => NetError::Unreachable(format!("{addr}: {}", s.message())),
+        tonic::Code::DeadlineExceeded => NetError::Timeout(0),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => NetError::Unreachable(format!("{addr}: {}", s.message())),
         _ => NetError::Refused(format!("{addr}: {}", s.message())),
     }
 }
@@ -36,6 +51,11 @@ pub struct BlockReply {
 impl GrpcNet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A network for clients: lookup hops give up after CLIENT_RING_CALL_TIMEOUT.
+    pub fn for_client() -> Self {
+        GrpcNet { ring_timeout: CLIENT_RING_CALL_TIMEOUT, ..Self::default() }
     }
 
     fn client(&self, addr: &NetAddr, timeout: Duration) -> Result<PeerClient<Channel>, NetError> {
@@ -64,8 +84,9 @@ impl GrpcNet {
         r
     }
 
-    /// Checks that `addr` answers and speaks our protocol version.
-    pub async fn hello(&self, addr: &NetAddr, my_addr: &str) -> Result<Id, NetError> {
+    /// Checks that `addr` answers and speaks our protocol version; returns its peer id
+    /// and the ring's erasure code.
+    pub async fn hello(&self, addr: &NetAddr, my_addr: &str) -> Result<(Id, Code), NetError> {
         let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
         let req = Self::request(pb::HelloRequest { protocol_version: PROTOCOL_VERSION, addr: my_addr.to_string() }, RING_CALL_TIMEOUT);
         let r = with_deadline(RING_CALL_TIMEOUT, c.hello(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
@@ -75,7 +96,9 @@ impl GrpcNet {
                 r.protocol_version
             )));
         }
-        Id::from_slice(&r.peer_id).ok_or_else(|| NetError::Protocol(format!("{addr} sent a bad peer id")))
+        let id = Id::from_slice(&r.peer_id).ok_or_else(|| NetError::Protocol(format!("{addr} sent a bad peer id")))?;
+        let code = code_from(r.code_k, r.code_m).map_err(|s| NetError::Protocol(format!("{addr}: {}", s.message())))?;
+        Ok((id, code))
     }
 
     pub async fn peer_info(&self, addr: &NetAddr) -> Result<pb::PeerInfoResponse, NetError> {
@@ -102,9 +125,70 @@ impl GrpcNet {
         Ok(r.found.then_some(BlockReply { meta: r.meta, data: r.data }))
     }
 
+    /// The ring's erasure code, as the peer at `addr` knows it.
+    pub async fn ring_code(&self, addr: &NetAddr) -> Result<Code, NetError> {
+        let info = self.peer_info(addr).await?;
+        code_from(info.code_k, info.code_m).map_err(|s| NetError::Protocol(format!("{addr}: {}", s.message())))
+    }
+
+    pub async fn put_shard(&self, addr: &NetAddr, shard: &Shard) -> Result<(), NetError> {
+        let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
+        let req = Self::request(pb::PutShardRequest { meta: shard.meta.encode(), data: shard.data.clone() }, BLOCK_CALL_TIMEOUT);
+        with_deadline(BLOCK_CALL_TIMEOUT, c.put_shard(req)).await.map_err(|s| net_error(addr, s))?;
+        Ok(())
+    }
+
+    /// One intact shard of `stripe` that `addr` holds, other than those in `skip_mask`.
+    /// The answer is checked here: a shard whose header or bytes do not match is an error.
+    pub async fn get_shard(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
+        let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
+        let req = Self::request(pb::GetShardRequest { stripe: stripe.to_bytes().to_vec(), skip_mask }, BLOCK_CALL_TIMEOUT);
+        let r = with_deadline(BLOCK_CALL_TIMEOUT, c.get_shard(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+        if !r.found {
+            return Ok(None);
+        }
+        let meta = ShardMeta::decode(&r.meta).map_err(|e| NetError::Protocol(format!("{addr} sent a bad shard header: {e}")))?;
+        if meta.stripe != stripe || skip_mask & (1u64 << meta.index) != 0 {
+            return Err(NetError::Protocol(format!("{addr} answered with a shard of another stripe or index")));
+        }
+        if !meta.verifies(&r.data) {
+            return Err(NetError::Protocol(format!("{addr} sent shard {} of stripe {} that fails its hash", meta.index, stripe.to_hex())));
+        }
+        Ok(Some(Shard { meta, data: r.data }))
+    }
+
+    /// For each stripe, the bitmask of shard indexes `addr` holds.
+    pub async fn holdings(&self, addr: &NetAddr, stripes: &[Id]) -> Result<Vec<u64>, NetError> {
+        let mut out = Vec::with_capacity(stripes.len());
+        for chunk in stripes.chunks(MAX_HOLDINGS_STRIPES) {
+            let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
+            let req = Self::request(pb::HoldingsRequest { stripes: chunk.iter().map(|s| s.to_bytes().to_vec()).collect() }, RING_CALL_TIMEOUT);
+            let r = with_deadline(RING_CALL_TIMEOUT, c.holdings(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+            if r.masks.len() != chunk.len() {
+                return Err(NetError::Protocol(format!("{addr} answered {} holdings for {} stripes", r.masks.len(), chunk.len())));
+            }
+            out.extend(r.masks);
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_shard(&self, addr: &NetAddr, stripe: Id, index: u8) -> Result<(), NetError> {
+        let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
+        let req = Self::request(pb::DeleteShardRequest { stripe: stripe.to_bytes().to_vec(), index: index as u32 }, RING_CALL_TIMEOUT);
+        with_deadline(RING_CALL_TIMEOUT, c.delete_shard(req)).await.map_err(|s| net_error(addr, s))?;
+        Ok(())
+    }
+
+    /// Asks the peer at `addr` to move its shards away, leave the ring and exit.
+    pub async fn drain(&self, addr: &NetAddr, budget: Duration) -> Result<pb::DrainResponse, NetError> {
+        let mut c = self.client(addr, budget)?;
+        let r = with_deadline(budget, c.drain(Self::request(pb::Empty {}, budget))).await.map_err(|s| net_error(addr, s))?;
+        Ok(r.into_inner())
+    }
+
     async fn ring_call(&self, to: &NetAddr, req: RingRequest<NetAddr>) -> Result<RingResponse<NetAddr>, NetError> {
-        let mut c = self.client(to, RING_CALL_TIMEOUT)?;
-        let t = RING_CALL_TIMEOUT;
+        let mut c = self.client(to, self.ring_timeout)?;
+        let t = self.ring_timeout;
         let conv = |s: Status| net_error(to, s);
         match req {
             RingRequest::FindNext { key } => {
@@ -154,9 +238,11 @@ async fn with_deadline<T>(
     t: Duration,
     fut: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<tonic::Response<T>, Status> {
-    match tokio::time::timeout(t + CONNECT_TIMEOUT, fut).await {
+    // Room for a connect on top of the call, but never more than the call itself gets.
+    let budget = t + CONNECT_TIMEOUT.min(t);
+    match tokio::time::timeout(budget, fut).await {
         Ok(r) => r,
-        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", (t + CONNECT_TIMEOUT).as_millis()))),
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis()))),
     }
 }
 

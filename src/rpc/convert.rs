@@ -118,3 +118,10 @@ mod tests {
         assert_eq!(route_from(&route_to(&r)).unwrap(), r);
     }
 }
+
+pub fn code_from(k: u32, m: u32) -> Result<crate::erasure::Code, Status> {
+    let (Ok(k), Ok(m)) = (u8::try_from(k), u8::try_from(m)) else {
+        return Err(Status::invalid_argument(format!("code {k}+{m} out of range")));
+    };
+    crate::erasure::Code::new(k, m).map_err(Status::invalid_argument)
+}

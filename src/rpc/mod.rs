@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
 /// that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest gRPC message either side accepts: one block plus headers.
 pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
 /// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).
@@ -23,6 +23,8 @@ pub const RING_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a block transfer.
 pub const BLOCK_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most stripes one Holdings request may ask about.
+pub const MAX_HOLDINGS_STRIPES: usize = 4096;
 /// Longest "host:port" we accept in a message.
 pub const MAX_ADDR_LEN: usize = 256;
 /// Most contacts one message may carry (successor lists, fingers).

@@ -5,7 +5,13 @@ use super::convert::*;
 use super::pb;
 use super::pb::peer_server::{Peer, PeerServer};
 use super::{NetAddr, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use super::MAX_HOLDINGS_STRIPES;
 use crate::blockstore::{DiskImage, StoreError, MAX_DATA_BYTES, MAX_META_BYTES};
+use crate::erasure::stripe::{shard_block_key, shard_key_range, ShardMeta};
+use crate::erasure::upkeep::{DrainReport, UpkeepReport};
+use crate::erasure::Code;
+use crate::ring::Id;
+use std::sync::atomic::{AtomicBool, Ordering};
 use crate::ring::{Node, RingRequest, RingResponse};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -16,6 +22,14 @@ pub struct PeerState {
     pub node: Arc<Mutex<Node<NetAddr>>>,
     pub store: Arc<DiskImage>,
     pub started: Instant,
+    /// The ring's erasure code.
+    pub code: Code,
+    /// Figures from the last upkeep scan, for status.
+    pub upkeep: Mutex<UpkeepReport>,
+    /// Set once a drain starts: new shards are refused so that nothing lands behind it.
+    pub draining: AtomicBool,
+    /// Where a Drain request is handed to the peer's lifecycle task.
+    pub drain_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<DrainReport>>,
 }
 
 impl PeerState {
@@ -77,7 +91,13 @@ impl Peer for PeerService {
             )));
         }
         let peer_id = self.state.node.lock().peer_id;
-        Ok(Response::new(pb::HelloResponse { protocol_version: PROTOCOL_VERSION, peer_id: peer_id.to_bytes().to_vec() }))
+        let code = self.state.code;
+        Ok(Response::new(pb::HelloResponse {
+            protocol_version: PROTOCOL_VERSION,
+            peer_id: peer_id.to_bytes().to_vec(),
+            code_k: code.k as u32,
+            code_m: code.m as u32,
+        }))
     }
 
     async fn find_next(&self, req: Request<pb::FindNextRequest>) -> Result<Response<pb::FindNextResponse>, Status> {
@@ -139,6 +159,10 @@ impl Peer for PeerService {
             keyspace_share: share,
             protocol_version: PROTOCOL_VERSION,
             blocks: store.len() as u64,
+            code_k: self.state.code.k as u32,
+            code_m: self.state.code.m as u32,
+            upkeep: Some(upkeep_to(&self.state.upkeep.lock())),
+            draining: self.state.draining.load(Ordering::Relaxed),
         }))
     }
 
@@ -189,5 +213,102 @@ impl Peer for PeerService {
             }
         }
         Ok(Response::new(pb::ListKeysResponse { keys: out, truncated }))
+    }
+
+    async fn put_shard(&self, req: Request<pb::PutShardRequest>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let meta = ShardMeta::decode(&r.meta).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
+        if !meta.verifies(&r.data) {
+            return Err(Status::invalid_argument(format!(
+                "shard {} of stripe {}: {} bytes that do not match the header's length or hash",
+                meta.index,
+                meta.stripe.to_hex(),
+                r.data.len()
+            )));
+        }
+        if self.state.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this peer is draining and takes no new shards"));
+        }
+        let key = meta.block_key();
+        self.blocking(move |s| s.put(&key, &r.meta, &r.data)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_shard(&self, req: Request<pb::GetShardRequest>) -> Result<Response<pb::GetShardResponse>, Status> {
+        let r = req.into_inner();
+        let stripe = id_from(&r.stripe, "stripe")?;
+        let skip = r.skip_mask;
+        let found = self
+            .blocking(move |s| {
+                let (from, to) = shard_key_range(stripe);
+                for key in s.keys_between(&from, &to) {
+                    let index = key[19];
+                    if index < 64 && skip & (1u64 << index) != 0 {
+                        continue;
+                    }
+                    // A corrupt copy is marked by the store (upkeep rebuilds it); try the next.
+                    let Ok(Some(b)) = s.get(&key) else { continue };
+                    match ShardMeta::decode(&b.meta) {
+                        Ok(m) if m.stripe == stripe && m.verifies(&b.data) => return Ok(Some(b)),
+                        _ => continue,
+                    }
+                }
+                Ok(None)
+            })
+            .await?;
+        Ok(Response::new(match found {
+            Some(b) => pb::GetShardResponse { found: true, meta: b.meta, data: b.data },
+            None => pb::GetShardResponse { found: false, meta: Vec::new(), data: Vec::new() },
+        }))
+    }
+
+    async fn holdings(&self, req: Request<pb::HoldingsRequest>) -> Result<Response<pb::HoldingsResponse>, Status> {
+        let r = req.into_inner();
+        if r.stripes.len() > MAX_HOLDINGS_STRIPES {
+            return Err(Status::invalid_argument(format!("{} stripes in one request (max {MAX_HOLDINGS_STRIPES})", r.stripes.len())));
+        }
+        let stripes = r.stripes.iter().map(|b| id_from(b, "stripe")).collect::<Result<Vec<Id>, Status>>()?;
+        let store = &self.state.store;
+        let corrupt: std::collections::BTreeSet<_> = store.corrupt_keys().into_iter().collect();
+        let masks = stripes
+            .iter()
+            .map(|s| {
+                let (from, to) = shard_key_range(*s);
+                store.keys_between(&from, &to).iter().filter(|k| k[19] < 64 && !corrupt.contains(*k)).fold(0u64, |m, k| m | 1u64 << k[19])
+            })
+            .collect();
+        Ok(Response::new(pb::HoldingsResponse { masks }))
+    }
+
+    async fn delete_shard(&self, req: Request<pb::DeleteShardRequest>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let stripe = id_from(&r.stripe, "stripe")?;
+        let index = u8::try_from(r.index).map_err(|_| Status::invalid_argument(format!("shard index {} out of range", r.index)))?;
+        let key = shard_block_key(stripe, index);
+        self.blocking(move |s| s.delete(&key)).await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn drain(&self, _req: Request<pb::Empty>) -> Result<Response<pb::DrainResponse>, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.state.drain_requests.try_send(tx).map_err(|_| Status::failed_precondition("a drain is already under way"))?;
+        let report = rx.await.map_err(|_| Status::internal("the drain stopped before it finished"))?;
+        Ok(Response::new(pb::DrainResponse { shards_moved: report.moved, shards_left: report.left }))
+    }
+}
+
+pub fn upkeep_to(u: &UpkeepReport) -> pb::Upkeep {
+    pb::Upkeep {
+        stripes: u.stripes,
+        degraded: u.degraded,
+        at_risk: u.at_risk,
+        repair_queue: u.repair_queue,
+        repaired_shards: u.repaired_shards,
+        repaired_bytes: u.repaired_bytes,
+        repair_bytes_per_sec: u.repair_bytes_per_sec,
+        moved_shards: u.moved_shards,
+        moved_bytes: u.moved_bytes,
+        scans: u.scans,
+        unplaceable: u.unplaceable,
     }
 }

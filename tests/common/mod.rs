@@ -1,6 +1,8 @@
 //! Helpers for tests that run real gRPC peers on 127.0.0.1 inside the test process.
 #![allow(dead_code)]
 
+use mutualstore::erasure::upkeep::UpkeepConfig;
+use mutualstore::erasure::Code;
 use mutualstore::peer::{self, PeerConfig, RunningPeer};
 use mutualstore::ring::{Id, Node};
 use mutualstore::rpc::NetAddr;
@@ -19,6 +21,9 @@ pub fn peer_config(dir: &Path, capacity: u64, join: Option<&NetAddr>) -> PeerCon
         join: join.map(|j| j.to_string()),
         maintenance_interval: Duration::from_millis(100),
         fingers_per_round: 8,
+        // Three peers are enough for 2+1; tests of repair start their own peers.
+        code: Some(Code::new(2, 1).unwrap()),
+        upkeep: UpkeepConfig { interval: Duration::from_secs(1), grace: Duration::from_secs(600), ..UpkeepConfig::default() },
     }
 }
 
@@ -52,6 +57,13 @@ pub fn successor_of(o: &BTreeMap<Id, NetAddr>, key: Id) -> Id {
 /// Counts wrong pointers: first successors, predecessors, and fingers for every
 /// exponent at or above the vnode's finger floor.
 pub fn wrong_pointers(peers: &[&RunningPeer]) -> (usize, usize) {
+    let (s, f, _) = wrong_pointers_described(peers);
+    (s, f)
+}
+
+/// As `wrong_pointers`, with one line per wrong successor/predecessor for failure messages.
+pub fn wrong_pointers_described(peers: &[&RunningPeer]) -> (usize, usize, String) {
+    let mut why = String::new();
     let o = oracle(peers);
     let ids: Vec<Id> = o.keys().cloned().collect();
     let (mut wrong_succ, mut wrong_fingers) = (0, 0);
@@ -63,6 +75,17 @@ pub fn wrong_pointers(peers: &[&RunningPeer]) -> (usize, usize) {
             let want_pred = ids[(idx + ids.len() - 1) % ids.len()];
             if ids.len() > 1 && (v.succ.first().map(|c| c.id) != Some(want_succ) || v.pred.as_ref().map(|c| c.id) != Some(want_pred)) {
                 wrong_succ += 1;
+                why.push_str(&format!(
+                    "{} vnode {}: succ {:?} (want {} at {}), pred {:?} (want {} at {})\n",
+                    p.addr,
+                    v.id,
+                    v.succ.first().map(|c| (c.id.to_string(), c.addr.to_string())),
+                    want_succ,
+                    o[&want_succ],
+                    v.pred.as_ref().map(|c| (c.id.to_string(), c.addr.to_string())),
+                    want_pred,
+                    o[&want_pred],
+                ));
             }
             for e in v.finger_floor() + 1..160 {
                 let want = successor_of(&o, v.id.wrapping_add(Id::pow2(e)));
@@ -76,7 +99,7 @@ pub fn wrong_pointers(peers: &[&RunningPeer]) -> (usize, usize) {
             }
         }
     }
-    (wrong_succ, wrong_fingers)
+    (wrong_succ, wrong_fingers, why)
 }
 
 /// Polls until the ring's pointers are all correct (bounded), returns what is left wrong.
@@ -90,3 +113,4 @@ pub async fn wait_converged(peers: &[&RunningPeer], max: Duration) -> (usize, us
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+pub mod procs;

@@ -1,0 +1,320 @@
+//! Writing and reading stripes over the network.
+//!
+//! A write encodes off the async workers, sends shard i to the i-th of the stripe's k+m
+//! distinct peers in parallel, and is acknowledged once `write_quorum` (>= k, default
+//! k+1) shards are durable; shards still in flight finish on their own, and any that
+//! never land are rebuilt by upkeep.
+//!
+//! A read asks the first k peers at once and, if k verified shards have not arrived
+//! after `hedge_after` (or as soon as one peer fails or lacks its shard), asks the rest.
+//! So a dead, slow or frozen (SIGSTOPped) peer costs one hedge delay, not a timeout. The
+//! decode is checked against the stripe key; a shard that fails its hash is never used.
+
+use super::placement::distinct_peers;
+use super::stripe::{assemble, make_stripe, Shard};
+use super::Code;
+use crate::ring::{driver, Id};
+use crate::rpc::client::GrpcNet;
+use crate::rpc::NetAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// Peers beyond k+m a read may ask: shards can sit just past the set while a join or
+/// leave is being rebalanced.
+const READ_SPARES: usize = 2;
+/// After the write quorum is reached, how long to wait for the remaining shards before
+/// acknowledging (they keep going in the background).
+const STRAGGLER_WAIT: Duration = Duration::from_millis(200);
+/// Most k-subsets tried when a decode does not match the stripe key (a forged shard).
+const MAX_DECODE_ATTEMPTS: usize = 64;
+pub const DEFAULT_HEDGE_AFTER: Duration = Duration::from_millis(150);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    #[error("lookup failed: {0}")]
+    Lookup(String),
+    #[error("the ring has {have} reachable peers, a {code} stripe needs {} distinct peers", code.total())]
+    TooFewPeers { have: usize, code: Code },
+    #[error("stripe {stripe}: only {stored} of {total} shards stored, {quorum} needed: {why}")]
+    WriteFailed { stripe: String, stored: usize, total: usize, quorum: usize, why: String },
+    #[error("stripe {stripe}: {have} of the {need} shards needed are readable; missing shards {missing} ({why})")]
+    Unavailable { stripe: String, have: usize, need: usize, missing: String, why: String },
+    #[error("stripe {stripe}: {why}")]
+    Corrupt { stripe: String, why: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Clone)]
+pub struct StripeClient {
+    pub net: Arc<GrpcNet>,
+    pub start: Vec<NetAddr>,
+    pub code: Code,
+    pub write_quorum: usize,
+    pub hedge_after: Duration,
+}
+
+/// Default write quorum for a code: k+1, so one more loss is survivable before repair.
+pub fn default_quorum(code: Code) -> usize {
+    (code.k as usize + 1).min(code.total() as usize)
+}
+
+impl StripeClient {
+    pub fn new(net: Arc<GrpcNet>, start: Vec<NetAddr>, code: Code) -> StripeClient {
+        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER }
+    }
+
+    /// The first `n` distinct peers at and after `key`.
+    pub async fn peers_for(&self, key: Id, n: usize) -> Result<Vec<NetAddr>, StripeError> {
+        let walk = driver::walk_from(&*self.net, self.start.clone(), key, n).await.map_err(|e| StripeError::Lookup(e.to_string()))?;
+        Ok(distinct_peers(&walk, n))
+    }
+
+    /// Stores `data` as one stripe; returns its key once the write quorum is durable.
+    pub async fn write_stripe(&self, data: Vec<u8>) -> Result<Id, StripeError> {
+        let code = self.code;
+        let total = code.total() as usize;
+        let quorum = self.write_quorum.clamp(code.k as usize, total);
+        let (stripe, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &data))
+            .await
+            .map_err(|e| StripeError::Internal(format!("encode task failed: {e}")))?
+            .map_err(|e| StripeError::Internal(e.to_string()))?;
+        let peers = self.peers_for(stripe, total).await?;
+        if peers.len() < total {
+            return Err(StripeError::TooFewPeers { have: peers.len(), code });
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(total);
+        for (shard, peer) in shards.into_iter().zip(peers) {
+            let net = self.net.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let r = net.put_shard(&peer, &shard).await;
+                let _ = tx.send((shard.meta.index, peer, r)).await;
+            });
+        }
+        drop(tx);
+        let (mut ok, mut failed, mut why) = (0usize, 0usize, String::new());
+        let mut quorum_at: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match quorum_at {
+                None => rx.recv().await,
+                Some(t) => match tokio::time::timeout_at(t + STRAGGLER_WAIT, rx.recv()).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            let Some((index, peer, r)) = next else { break };
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    log::warn!("stripe {}: shard {index} to {peer}: {e}", stripe.to_hex());
+                    why = format!("shard {index} on {peer}: {e}");
+                }
+            }
+            if ok >= quorum && quorum_at.is_none() {
+                quorum_at = Some(tokio::time::Instant::now());
+            }
+            if failed > total - quorum {
+                break;
+            }
+        }
+        if ok < quorum {
+            return Err(StripeError::WriteFailed { stripe: stripe.to_hex(), stored: ok, total, quorum, why });
+        }
+        Ok(stripe)
+    }
+
+    /// Reads a stripe back. `len` is its length when the caller knows it (from a
+    /// manifest); the code is learnt from the shards (the stripe key commits to it).
+    pub async fn read_stripe(&self, stripe: Id, len: Option<usize>) -> Result<Vec<u8>, StripeError> {
+        let guess = self.code;
+        let peers = self.peers_for(stripe, guess.total() as usize + READ_SPARES).await?;
+        let mut read = Read { stripe, code: None, len, got: Vec::new(), mask: 0, errors: Vec::new() };
+        let mut tasks: JoinSet<(NetAddr, Result<Option<Shard>, crate::ring::NetError>)> = JoinSet::new();
+        let mut next = 0usize;
+        let launch = |tasks: &mut JoinSet<_>, next: &mut usize, n: usize, skip: u64| {
+            for _ in 0..n {
+                if let Some(p) = peers.get(*next).cloned() {
+                    let net = self.net.clone();
+                    tasks.spawn(async move {
+                        let r = net.get_shard(&p, stripe, skip).await;
+                        (p, r)
+                    });
+                    *next += 1;
+                }
+            }
+        };
+        launch(&mut tasks, &mut next, guess.k as usize, 0);
+        let hedge = tokio::time::sleep(self.hedge_after);
+        tokio::pin!(hedge);
+        let mut hedged = false;
+        let mut tried_decode_with = 0usize;
+        loop {
+            let k = read.code.map(|c| c.k as usize).unwrap_or(guess.k as usize);
+            if read.got.len() >= k && read.got.len() > tried_decode_with {
+                tried_decode_with = read.got.len();
+                let (code, len) = (read.code.expect("set with the first shard"), read.len.expect("set with the first shard"));
+                let shards = read.got.clone();
+                let res = tokio::task::spawn_blocking(move || assemble_any(stripe, code, len, &shards))
+                    .await
+                    .map_err(|e| StripeError::Internal(format!("decode task failed: {e}")))?;
+                match res {
+                    Ok(data) => return Ok(data),
+                    Err(e) => {
+                        read.errors.push(e);
+                        launch(&mut tasks, &mut next, peers.len(), 0);
+                    }
+                }
+            }
+            tokio::select! {
+                r = tasks.join_next() => {
+                    let Some(r) = r else {
+                        if next < peers.len() {
+                            launch(&mut tasks, &mut next, 1, 0);
+                            continue;
+                        }
+                        break;
+                    };
+                    let (peer, res) = r.map_err(|e| StripeError::Internal(format!("read task failed: {e}")))?;
+                    match res {
+                        Ok(Some(shard)) => {
+                            if let Err(why) = read.accept(shard) {
+                                if why == DUPLICATE {
+                                    // It may hold another index too (mid-rebalance): ask again.
+                                    let mask = read.mask;
+                                    let net = self.net.clone();
+                                    tasks.spawn(async move { let r = net.get_shard(&peer, stripe, mask).await; (peer, r) });
+                                } else {
+                                    read.errors.push(format!("{peer}: {why}"));
+                                    launch(&mut tasks, &mut next, 1, 0);
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            read.errors.push(format!("{peer} holds no shard"));
+                            launch(&mut tasks, &mut next, 1, 0);
+                        }
+                        Err(e) => {
+                            read.errors.push(e.to_string());
+                            launch(&mut tasks, &mut next, 1, 0);
+                        }
+                    }
+                }
+                _ = &mut hedge, if !hedged => {
+                    hedged = true;
+                    launch(&mut tasks, &mut next, peers.len(), 0);
+                }
+            }
+        }
+        tasks.abort_all();
+        let code = read.code.unwrap_or(guess);
+        let missing: Vec<String> = (0..code.total()).filter(|i| read.mask & (1u64 << i) == 0).map(|i| i.to_string()).collect();
+        let have = read.got.len();
+        if have >= code.k as usize {
+            return Err(StripeError::Corrupt { stripe: stripe.to_hex(), why: read.errors.join("; ") });
+        }
+        Err(StripeError::Unavailable {
+            stripe: stripe.to_hex(),
+            have,
+            need: code.k as usize,
+            missing: missing.join(","),
+            why: if read.errors.is_empty() { "no peer answered".into() } else { read.errors.join("; ") },
+        })
+    }
+}
+
+const DUPLICATE: &str = "duplicate index";
+
+/// What a read has gathered so far.
+struct Read {
+    stripe: Id,
+    code: Option<Code>,
+    len: Option<usize>,
+    got: Vec<Shard>,
+    mask: u64,
+    errors: Vec<String>,
+}
+
+impl Read {
+    fn accept(&mut self, s: Shard) -> Result<(), String> {
+        if s.meta.stripe != self.stripe {
+            return Err("shard of another stripe".into());
+        }
+        if self.len.is_some_and(|l| l != s.meta.stripe_len as usize) || self.code.is_some_and(|c| c != s.meta.code) {
+            return Err(format!("shard says {} bytes under {}, others say {:?} bytes under {:?}", s.meta.stripe_len, s.meta.code, self.len, self.code));
+        }
+        self.code = Some(s.meta.code);
+        self.len = Some(s.meta.stripe_len as usize);
+        if self.mask & (1u64 << s.meta.index) != 0 {
+            return Err(DUPLICATE.into());
+        }
+        self.mask |= 1u64 << s.meta.index;
+        self.got.push(s);
+        Ok(())
+    }
+}
+
+/// Decodes from the first k shards, and if the result does not hash to the stripe key
+/// (some shard is forged), from other k-subsets.
+pub fn assemble_any(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Result<Vec<u8>, String> {
+    let k = code.k as usize;
+    let mut first_err = None;
+    let mut attempts = 0;
+    let mut pick: Vec<usize> = (0..k).collect();
+    loop {
+        let subset: Vec<Shard> = pick.iter().map(|&i| shards[i].clone()).collect();
+        match assemble(stripe, code, len, &subset) {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+        attempts += 1;
+        if attempts >= MAX_DECODE_ATTEMPTS || !next_combination(&mut pick, shards.len()) {
+            return Err(first_err.unwrap_or_else(|| "no shards".into()));
+        }
+    }
+}
+
+/// Advances `pick` (sorted indexes into 0..n) to the next k-combination; false at the end.
+fn next_combination(pick: &mut [usize], n: usize) -> bool {
+    let k = pick.len();
+    for i in (0..k).rev() {
+        if pick[i] < n - k + i {
+            pick[i] += 1;
+            for j in i + 1..k {
+                pick[j] = pick[j - 1] + 1;
+            }
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combinations_cover_every_subset_once() {
+        let mut pick = vec![0, 1];
+        let mut seen = vec![pick.clone()];
+        while next_combination(&mut pick, 4) {
+            seen.push(pick.clone());
+        }
+        assert_eq!(seen, vec![vec![0, 1], vec![0, 2], vec![0, 3], vec![1, 2], vec![1, 3], vec![2, 3]]);
+    }
+
+    #[test]
+    fn a_forged_shard_is_routed_around_when_spares_exist() {
+        let code = Code::new(2, 2).unwrap();
+        let data = vec![42u8; 5000];
+        let (s, mut shards) = make_stripe(code, &data).unwrap();
+        shards[0].data[10] ^= 0xff;
+        shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
+        assert_eq!(assemble_any(s, code, data.len(), &shards).unwrap(), data);
+        assert!(assemble_any(s, code, data.len(), &shards[..2]).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Naming and self-description of stripes and shards.
+//!
+//! A stripe is content-addressed: its key S is the SHA-1 of its code, length and bytes, so
+//! anyone holding k shards can check a decode, and two writes of the same bytes are the
+//! same stripe (writes are idempotent; there is never a mix of two versions under one key).
+//!
+//! Shard i of S is stored under the block key S[..19] ++ [i]: the shards of one stripe are
+//! adjacent in a peer's index (one range scan finds them) and sit at S's ring position.
+//! Every shard carries a 52-byte header (the block's metadata) naming its stripe, its
+//! index, the code, the stripe length and the SHA-1 of the shard's own bytes, so a peer
+//! can verify, repair and move shards without any file manifest.
+
+use super::codec::shard_len;
+use super::Code;
+use crate::blockstore::BlockKey;
+use crate::ring::Id;
+use sha1::{Digest, Sha1};
+
+/// Largest stripe: k shards of at most this many bytes.
+pub const MAX_SHARD_BYTES: usize = 1 << 20;
+const META_TAG: u8 = b'S';
+const META_VERSION: u8 = 1;
+pub const META_LEN: usize = 52;
+
+/// Ring key of a stripe with these bytes under this code.
+pub fn stripe_key(code: Code, data: &[u8]) -> Id {
+    let mut h = Sha1::new();
+    h.update(b"MSSTRIPE");
+    h.update([code.k, code.m]);
+    h.update((data.len() as u64).to_be_bytes());
+    h.update(data);
+    Id::from_slice(&h.finalize()).expect("sha1 is 20 bytes")
+}
+
+/// Block key under which shard `index` of stripe `s` is stored.
+pub fn shard_block_key(s: Id, index: u8) -> BlockKey {
+    let mut k = s.to_bytes();
+    k[19] = index;
+    k
+}
+
+/// The inclusive range of block keys that can hold shards of `s`.
+pub fn shard_key_range(s: Id) -> (BlockKey, BlockKey) {
+    (shard_block_key(s, 0), shard_block_key(s, u8::MAX))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardMeta {
+    pub code: Code,
+    pub index: u8,
+    pub stripe_len: u32,
+    pub stripe: Id,
+    pub shard_hash: Id,
+}
+
+impl ShardMeta {
+    pub fn new(code: Code, index: u8, stripe: Id, stripe_len: usize, shard: &[u8]) -> ShardMeta {
+        ShardMeta { code, index, stripe_len: stripe_len as u32, stripe, shard_hash: Id::sha1(shard) }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(META_LEN);
+        b.extend_from_slice(&[META_TAG, META_VERSION, self.code.k, self.code.m, self.index, 0, 0, 0]);
+        b.extend_from_slice(&self.stripe_len.to_be_bytes());
+        b.extend_from_slice(&self.stripe.to_bytes());
+        b.extend_from_slice(&self.shard_hash.to_bytes());
+        b
+    }
+
+    /// Parses and checks the fields against each other; the bytes may be hostile.
+    pub fn decode(b: &[u8]) -> Result<ShardMeta, String> {
+        if b.len() != META_LEN || b[0] != META_TAG {
+            return Err("not a shard header".into());
+        }
+        if b[1] != META_VERSION {
+            return Err(format!("shard header version {} (this build reads {META_VERSION})", b[1]));
+        }
+        let code = Code::new(b[2], b[3])?;
+        let index = b[4];
+        if index >= code.total() {
+            return Err(format!("shard index {index} out of range for a {code} code"));
+        }
+        let stripe_len = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));
+        if stripe_len as usize > code.k as usize * MAX_SHARD_BYTES {
+            return Err(format!("stripe length {stripe_len} too large for a {code} code"));
+        }
+        let stripe = Id::from_slice(&b[12..32]).ok_or("bad stripe key")?;
+        let shard_hash = Id::from_slice(&b[32..52]).ok_or("bad shard hash")?;
+        Ok(ShardMeta { code, index, stripe_len, stripe, shard_hash })
+    }
+
+    pub fn shard_len(&self) -> usize {
+        shard_len(self.code, self.stripe_len as usize)
+    }
+
+    pub fn block_key(&self) -> BlockKey {
+        shard_block_key(self.stripe, self.index)
+    }
+
+    /// Whether `data` is exactly the shard this header describes.
+    pub fn verifies(&self, data: &[u8]) -> bool {
+        data.len() == self.shard_len() && Id::sha1(data) == self.shard_hash
+    }
+}
+
+/// A shard as moved between peers: its header and bytes, verified by whoever builds one.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub meta: ShardMeta,
+    pub data: Vec<u8>,
+}
+
+/// Splits and encodes one stripe; returns its key and all k+m shards.
+pub fn make_stripe(code: Code, data: &[u8]) -> Result<(Id, Vec<Shard>), super::codec::CodecError> {
+    let s = stripe_key(code, data);
+    let shards = super::codec::encode(code, data)?;
+    let out = shards
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| Shard { meta: ShardMeta::new(code, i as u8, s, data.len(), &d), data: d })
+        .collect();
+    Ok((s, out))
+}
+
+/// Decodes a stripe from verified shards (any order, any k of them) and checks the result
+/// against the stripe key; a decode that does not hash to the key is an error, never data.
+pub fn assemble(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Result<Vec<u8>, String> {
+    let mut slots: Vec<Option<Vec<u8>>> = vec![None; code.total() as usize];
+    for s in shards {
+        if s.meta.stripe == stripe && s.meta.code == code && s.meta.stripe_len as usize == len && s.meta.verifies(&s.data) {
+            slots[s.meta.index as usize] = Some(s.data.clone());
+        }
+    }
+    let data = super::codec::decode(code, len, &slots).map_err(|e| e.to_string())?;
+    if stripe_key(code, &data) != stripe {
+        return Err(format!("stripe {} decodes to bytes with a different hash", stripe.to_hex()));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_roundtrips_and_rejects_nonsense() {
+        let code = Code::new(4, 2).unwrap();
+        let (s, shards) = make_stripe(code, b"some bytes").unwrap();
+        let m = shards[5].meta;
+        assert_eq!(ShardMeta::decode(&m.encode()).unwrap(), m);
+        assert!(m.verifies(&shards[5].data));
+        assert!(!m.verifies(&shards[4].data));
+        assert_eq!(m.block_key()[..19], s.to_bytes()[..19]);
+        let mut bad = m.encode();
+        bad[4] = 6;
+        assert!(ShardMeta::decode(&bad).is_err());
+        assert!(ShardMeta::decode(&bad[..10]).is_err());
+        let mut bad = m.encode();
+        bad[2] = 0;
+        assert!(ShardMeta::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn assemble_refuses_a_forged_shard_with_a_consistent_header() {
+        let code = Code::new(2, 1).unwrap();
+        let data = vec![7u8; 1000];
+        let (s, mut shards) = make_stripe(code, &data).unwrap();
+        assert_eq!(assemble(s, code, data.len(), &shards[1..]).unwrap(), data);
+        // A hostile peer rewrites shard 0 and its header hash to match.
+        shards[0].data[0] ^= 1;
+        shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
+        assert!(assemble(s, code, data.len(), &shards[..2]).is_err());
+    }
+}

@@ -1,0 +1,513 @@
+//! A peer's background care of the stripes it holds: repair, rebalance, drain, scrub.
+//!
+//! Every scan the peer groups its shards by stripe and, for each stripe, finds the
+//! stripe's holder set (the first k+m distinct peers from the stripe key) and asks those
+//! peers which shard indexes they hold (one batched Holdings call per peer). Then:
+//!
+//! - *Not in the set* (a peer joined in front of us, or we were a repair target and the
+//!   old holder came back): hand each shard to a set member holding nothing of the
+//!   stripe, then delete ours; if a set member already has that index, just delete ours.
+//!   This is the whole of rebalancing: only shards whose holder fell out of a set move.
+//! - *In the set, and holding the lowest index among live set members* (the stripe's
+//!   coordinator, so exactly one peer acts): count the stripe for status, and if indexes
+//!   have been missing for longer than the grace period, rebuild them from any k shards
+//!   onto the set members that hold nothing, at a bounded rate.
+//! - A local shard found corrupt (by a read or by the rolling scrub) is rebuilt in place
+//!   at once: the peer is alive, so there is nothing to wait for.
+//!
+//! Drain runs the hand-off step as if we were already out of every set.
+
+use super::placement::distinct_peers;
+use super::stripe::{make_stripe, Shard, ShardMeta};
+use super::client::assemble_any;
+use super::Code;
+use crate::blockstore::{BlockKey, DiskImage};
+use crate::ring::{driver, Contact, Id};
+use crate::rpc::client::GrpcNet;
+use crate::rpc::server::PeerState;
+use crate::rpc::NetAddr;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct UpkeepConfig {
+    pub interval: Duration,
+    /// How long a stripe may miss shards before they are rebuilt elsewhere: a peer that
+    /// reboots within it costs no repair traffic.
+    pub grace: Duration,
+    /// Repair and hand-off bandwidth cap in bytes/s (0 = none), so foreground I/O goes on.
+    pub rate_bytes_per_sec: u64,
+    /// Local shard bytes re-verified per scan (rolling), to find rot nobody reads.
+    pub scrub_bytes_per_scan: u64,
+}
+
+impl Default for UpkeepConfig {
+    fn default() -> Self {
+        UpkeepConfig {
+            interval: Duration::from_secs(10),
+            grace: Duration::from_secs(300),
+            rate_bytes_per_sec: 64 << 20,
+            scrub_bytes_per_scan: 256 << 20,
+        }
+    }
+}
+
+/// Figures for status. Stripe counts cover the stripes this peer coordinates.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UpkeepReport {
+    pub stripes: u64,
+    pub degraded: u64,
+    pub at_risk: u64,
+    pub repair_queue: u64,
+    pub repaired_shards: u64,
+    pub repaired_bytes: u64,
+    pub repair_bytes_per_sec: f64,
+    pub moved_shards: u64,
+    pub moved_bytes: u64,
+    pub scans: u64,
+    pub unplaceable: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DrainReport {
+    pub moved: u64,
+    pub left: u64,
+}
+
+/// One stripe as this peer holds it.
+#[derive(Clone, Debug)]
+struct LocalStripe {
+    stripe: Id,
+    code: Code,
+    len: u32,
+    /// Intact shard indexes held here.
+    mask: u64,
+    /// Indexes held here whose record failed its checksum.
+    corrupt: u64,
+}
+
+/// Groups the local shards by stripe, from block headers only.
+fn local_stripes(store: &DiskImage) -> (Vec<LocalStripe>, Vec<BlockKey>) {
+    let corrupt: HashSet<BlockKey> = store.corrupt_keys().into_iter().collect();
+    let mut by_prefix: BTreeMap<[u8; 19], LocalStripe> = BTreeMap::new();
+    let mut unreadable: Vec<BlockKey> = Vec::new();
+    for key in store.keys() {
+        let prefix: [u8; 19] = key[..19].try_into().expect("19 bytes");
+        let index = key[19];
+        let meta = match store.meta(&key) {
+            Ok(Some(m)) => ShardMeta::decode(&m).ok(),
+            Ok(None) => continue,
+            Err(_) => None,
+        };
+        let Some(meta) = meta.filter(|m| m.index == index && m.block_key() == key) else {
+            if corrupt.contains(&key) {
+                unreadable.push(key);
+            }
+            continue;
+        };
+        let e = by_prefix.entry(prefix).or_insert(LocalStripe { stripe: meta.stripe, code: meta.code, len: meta.stripe_len, mask: 0, corrupt: 0 });
+        if corrupt.contains(&key) {
+            e.corrupt |= 1 << index;
+        } else {
+            e.mask |= 1 << index;
+        }
+    }
+    (by_prefix.into_values().collect(), unreadable)
+}
+
+/// Paces background transfers to a byte rate.
+struct Pacer {
+    rate: u64,
+    next_free: tokio::time::Instant,
+}
+
+impl Pacer {
+    async fn take(&mut self, bytes: usize) {
+        if self.rate == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if self.next_free > now {
+            tokio::time::sleep_until(self.next_free).await;
+        }
+        self.next_free = self.next_free.max(now) + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+    }
+}
+
+pub struct Upkeep {
+    state: Arc<PeerState>,
+    net: Arc<GrpcNet>,
+    me: NetAddr,
+    cfg: UpkeepConfig,
+    degraded_since: HashMap<Id, Instant>,
+    totals: UpkeepReport,
+    scrub_cursor: Option<BlockKey>,
+    pacer: Pacer,
+}
+
+/// A stripe's holder set and who holds what in it.
+struct View {
+    set: Vec<NetAddr>,
+    masks: Vec<u64>,
+}
+
+impl View {
+    fn union(&self) -> u64 {
+        self.masks.iter().fold(0, |a, m| a | m)
+    }
+}
+
+impl Upkeep {
+    pub fn new(state: Arc<PeerState>, net: Arc<GrpcNet>, me: NetAddr, cfg: UpkeepConfig) -> Upkeep {
+        let pacer = Pacer { rate: cfg.rate_bytes_per_sec, next_free: tokio::time::Instant::now() };
+        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, pacer }
+    }
+
+    async fn local(&self) -> (Vec<LocalStripe>, Vec<BlockKey>) {
+        let store = self.state.store.clone();
+        tokio::task::spawn_blocking(move || local_stripes(&store)).await.unwrap_or_default()
+    }
+
+    /// The holder sets of `stripes` (sorted by key), with `extra` more peers walked past
+    /// the set, from as few lookups as possible: stripes up to a walk's first vnode share it.
+    async fn walks(&self, stripes: &[LocalStripe], extra: usize) -> Vec<Option<Vec<NetAddr>>> {
+        let mut out = Vec::with_capacity(stripes.len());
+        let mut cached: Option<(Id, Vec<Contact<NetAddr>>)> = None;
+        for s in stripes {
+            let n = s.code.total() as usize + extra;
+            let reuse = match &cached {
+                Some((from, walk)) => s.stripe.in_open_closed(*from, walk[0].id) || s.stripe == *from,
+                None => false,
+            };
+            if !reuse {
+                match driver::walk_from(&*self.net, vec![self.me.clone()], s.stripe, n + 2).await {
+                    Ok(w) if !w.is_empty() => cached = Some((s.stripe, w)),
+                    _ => {
+                        cached = None;
+                        out.push(None);
+                        continue;
+                    }
+                }
+            }
+            let walk = &cached.as_ref().expect("set above").1;
+            out.push(Some(distinct_peers(walk, n)));
+        }
+        out
+    }
+
+    /// Asks every peer in `sets` what it holds of the stripes it is asked about.
+    async fn probe(&self, stripes: &[LocalStripe], sets: &[Option<Vec<NetAddr>>]) -> HashMap<(NetAddr, Id), u64> {
+        let mut ask: HashMap<NetAddr, Vec<Id>> = HashMap::new();
+        for (s, set) in stripes.iter().zip(sets) {
+            for p in set.iter().flatten() {
+                if *p != self.me {
+                    ask.entry(p.clone()).or_default().push(s.stripe);
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        let mut calls = tokio::task::JoinSet::new();
+        for (peer, ids) in ask {
+            let net = self.net.clone();
+            calls.spawn(async move {
+                let r = net.holdings(&peer, &ids).await;
+                (peer, ids, r)
+            });
+        }
+        while let Some(Ok((peer, ids, r))) = calls.join_next().await {
+            match r {
+                Ok(masks) => {
+                    for (id, m) in ids.into_iter().zip(masks) {
+                        out.insert((peer.clone(), id), m);
+                    }
+                }
+                Err(e) => log::debug!("holdings from {peer}: {e}"),
+            }
+        }
+        out
+    }
+
+    fn view(&self, s: &LocalStripe, set: &[NetAddr], held: &HashMap<(NetAddr, Id), u64>) -> View {
+        let masks = set
+            .iter()
+            .map(|p| if *p == self.me { s.mask } else { held.get(&(p.clone(), s.stripe)).copied().unwrap_or(0) })
+            .collect();
+        View { set: set.to_vec(), masks }
+    }
+
+    /// One pass over every local stripe. Returns the report status shows.
+    pub async fn scan(&mut self) -> UpkeepReport {
+        let started = Instant::now();
+        let repaired_before = self.totals.repaired_bytes;
+        let (mut stripes, unreadable) = self.local().await;
+        for key in unreadable {
+            // Header and data both unreadable: we cannot even tell which stripe it was.
+            // Dropping it makes the index missing, which the coordinator rebuilds.
+            log::warn!("dropping unreadable shard record {}", Id::from_bytes(&key).to_hex());
+            let store = self.state.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.delete(&key)).await;
+        }
+        stripes.sort_by_key(|s| s.stripe);
+        let sets = self.walks(&stripes, 0).await;
+        let held = self.probe(&stripes, &sets).await;
+        let mut report = UpkeepReport::default();
+        let mut still_degraded: HashSet<Id> = HashSet::new();
+        for (s, set) in stripes.iter().zip(&sets) {
+            let Some(set) = set else { continue };
+            let total = s.code.total() as usize;
+            if set.len() < total {
+                report.unplaceable += 1;
+                continue;
+            }
+            let view = self.view(s, set, &held);
+            if s.corrupt != 0 {
+                self.rebuild_local(s, &view).await;
+            }
+            if !set.contains(&self.me) {
+                self.hand_off(s, &view).await;
+                continue;
+            }
+            let coordinator = view
+                .masks
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m != 0)
+                .min_by_key(|(i, m)| (m.trailing_zeros(), *i))
+                .map(|(i, _)| view.set[i].clone());
+            if coordinator.as_ref() != Some(&self.me) {
+                continue;
+            }
+            report.stripes += 1;
+            let have = view.union().count_ones() as usize;
+            if have >= total {
+                continue;
+            }
+            report.degraded += 1;
+            if have <= s.code.k as usize {
+                report.at_risk += 1;
+            }
+            let since = *self.degraded_since.entry(s.stripe).or_insert_with(Instant::now);
+            still_degraded.insert(s.stripe);
+            if since.elapsed() >= self.cfg.grace && self.repair(s, &view).await {
+                report.degraded -= 1;
+                if have <= s.code.k as usize {
+                    report.at_risk -= 1;
+                }
+                still_degraded.remove(&s.stripe);
+            } else {
+                report.repair_queue += 1;
+            }
+        }
+        self.degraded_since.retain(|id, _| still_degraded.contains(id));
+        self.scrub().await;
+        self.totals.scans += 1;
+        report.scans = self.totals.scans;
+        report.repaired_shards = self.totals.repaired_shards;
+        report.repaired_bytes = self.totals.repaired_bytes;
+        report.moved_shards = self.totals.moved_shards;
+        report.moved_bytes = self.totals.moved_bytes;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        report.repair_bytes_per_sec = (self.totals.repaired_bytes - repaired_before) as f64 / secs;
+        *self.state.upkeep.lock() = report.clone();
+        report
+    }
+
+    /// Gathers k verified shards of a stripe from the holders in `view` (and our own) and
+    /// decodes it; the decode is checked against the stripe key.
+    async fn fetch_stripe(&self, s: &LocalStripe, view: &View) -> Option<Vec<u8>> {
+        let mut got: Vec<Shard> = Vec::new();
+        let mut mask = 0u64;
+        let mut sources: Vec<NetAddr> = view.set.iter().zip(&view.masks).filter(|(_, m)| **m != 0).map(|(p, _)| p.clone()).collect();
+        if s.mask != 0 && !sources.contains(&self.me) {
+            sources.push(self.me.clone());
+        }
+        for p in sources {
+            for _ in 0..s.code.total() {
+                if got.len() >= s.code.total() as usize {
+                    break;
+                }
+                match self.net.get_shard(&p, s.stripe, mask).await {
+                    Ok(Some(sh)) if sh.meta.code == s.code && sh.meta.stripe_len == s.len => {
+                        mask |= 1 << sh.meta.index;
+                        got.push(sh);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if got.len() < s.code.k as usize {
+            log::warn!("stripe {}: only {} of {} shards readable, cannot rebuild", s.stripe.to_hex(), got.len(), s.code.k);
+            return None;
+        }
+        let (id, code, len) = (s.stripe, s.code, s.len as usize);
+        let r = tokio::task::spawn_blocking(move || assemble_any(id, code, len, &got)).await.ok()?;
+        r.map_err(|e| log::warn!("stripe {}: {e}", s.stripe.to_hex())).ok()
+    }
+
+    async fn reencode(&self, s: &LocalStripe, data: Vec<u8>) -> Option<Vec<Shard>> {
+        let code = s.code;
+        let (id, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &data)).await.ok()?.ok()?;
+        (id == s.stripe).then_some(shards)
+    }
+
+    /// Rebuilds missing indexes onto set members that hold nothing. True if complete.
+    async fn repair(&mut self, s: &LocalStripe, view: &View) -> bool {
+        let union = view.union();
+        let missing: Vec<u8> = (0..s.code.total()).filter(|i| union & (1 << i) == 0).collect();
+        let targets: Vec<NetAddr> = view.set.iter().zip(&view.masks).filter(|(_, m)| **m == 0).map(|(p, _)| p.clone()).collect();
+        let Some(data) = self.fetch_stripe(s, view).await else { return false };
+        let Some(shards) = self.reencode(s, data).await else { return false };
+        let mut all = true;
+        for (index, target) in missing.iter().zip(targets.iter()) {
+            let shard = &shards[*index as usize];
+            self.pacer.take(shard.data.len()).await;
+            let r = if *target == self.me { self.put_local(shard).await } else { self.net.put_shard(target, shard).await.map_err(|e| e.to_string()) };
+            match r {
+                Ok(()) => {
+                    log::info!("repaired shard {index} of stripe {} onto {target}", s.stripe.to_hex());
+                    self.totals.repaired_shards += 1;
+                    self.totals.repaired_bytes += shard.data.len() as u64;
+                }
+                Err(e) => {
+                    log::warn!("repair of shard {index} of stripe {} onto {target}: {e}", s.stripe.to_hex());
+                    all = false;
+                }
+            }
+        }
+        all && missing.len() <= targets.len()
+    }
+
+    /// Rewrites our own corrupt shards of `s` from the others.
+    async fn rebuild_local(&mut self, s: &LocalStripe, view: &View) {
+        let Some(data) = self.fetch_stripe(s, view).await else { return };
+        let Some(shards) = self.reencode(s, data).await else { return };
+        for index in (0..s.code.total()).filter(|i| s.corrupt & (1 << i) != 0) {
+            let shard = &shards[index as usize];
+            match self.put_local(shard).await {
+                Ok(()) => {
+                    log::info!("rewrote corrupt shard {index} of stripe {}", s.stripe.to_hex());
+                    self.totals.repaired_shards += 1;
+                    self.totals.repaired_bytes += shard.data.len() as u64;
+                }
+                Err(e) => log::warn!("rewriting corrupt shard {index} of stripe {}: {e}", s.stripe.to_hex()),
+            }
+        }
+    }
+
+    async fn put_local(&self, shard: &Shard) -> Result<(), String> {
+        let store = self.state.store.clone();
+        let (key, meta, data) = (shard.meta.block_key(), shard.meta.encode(), shard.data.clone());
+        tokio::task::spawn_blocking(move || store.put(&key, &meta, &data)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    }
+
+    async fn delete_local(&self, stripe: Id, index: u8) -> Result<(), String> {
+        let store = self.state.store.clone();
+        let key = super::stripe::shard_block_key(stripe, index);
+        tokio::task::spawn_blocking(move || store.delete(&key)).await.map_err(|e| e.to_string())?.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Moves our shards of `s` into its set (we are not in it). Returns shards still here.
+    async fn hand_off(&mut self, s: &LocalStripe, view: &View) -> u64 {
+        let mut left = 0;
+        let mut masks = view.masks.clone();
+        for index in (0..s.code.total()).filter(|i| s.mask & (1 << i) != 0) {
+            let union = masks.iter().fold(0, |a, m| a | m);
+            if union & (1 << index) != 0 {
+                // A set member has this index: ours is a spare copy.
+                if let Err(e) = self.delete_local(s.stripe, index).await {
+                    log::warn!("dropping spare shard {index} of {}: {e}", s.stripe.to_hex());
+                    left += 1;
+                }
+                continue;
+            }
+            let Some(slot) = masks.iter().position(|m| *m == 0) else {
+                left += 1;
+                continue;
+            };
+            let target = view.set[slot].clone();
+            let store = self.state.store.clone();
+            let key = super::stripe::shard_block_key(s.stripe, index);
+            let block = tokio::task::spawn_blocking(move || store.get(&key)).await.ok().and_then(|r| r.ok()).flatten();
+            let Some(shard) = block.and_then(|b| ShardMeta::decode(&b.meta).ok().filter(|m| m.verifies(&b.data)).map(|meta| Shard { meta, data: b.data })) else {
+                left += 1;
+                continue;
+            };
+            self.pacer.take(shard.data.len()).await;
+            match self.net.put_shard(&target, &shard).await {
+                Ok(()) => {
+                    masks[slot] |= 1 << index;
+                    self.totals.moved_shards += 1;
+                    self.totals.moved_bytes += shard.data.len() as u64;
+                    log::debug!("handed shard {index} of {} to {target}", s.stripe.to_hex());
+                    if let Err(e) = self.delete_local(s.stripe, index).await {
+                        log::warn!("deleting handed-off shard {index} of {}: {e}", s.stripe.to_hex());
+                    }
+                }
+                Err(e) => {
+                    log::warn!("handing shard {index} of {} to {target}: {e}", s.stripe.to_hex());
+                    left += 1;
+                }
+            }
+        }
+        left
+    }
+
+    /// Moves every local shard to the peers that will hold it once we are gone.
+    pub async fn drain(&mut self) -> DrainReport {
+        self.state.draining.store(true, Ordering::Relaxed);
+        let moved_before = self.totals.moved_shards;
+        let mut left = 0;
+        for _round in 0..3 {
+            let (mut stripes, _) = self.local().await;
+            stripes.sort_by_key(|s| s.stripe);
+            let walks = self.walks(&stripes, 1).await;
+            let sets: Vec<Option<Vec<NetAddr>>> = walks
+                .into_iter()
+                .zip(&stripes)
+                .map(|(w, s)| w.map(|w| w.into_iter().filter(|p| *p != self.me).take(s.code.total() as usize).collect()))
+                .collect();
+            let held = self.probe(&stripes, &sets).await;
+            left = 0;
+            for (s, set) in stripes.iter().zip(&sets) {
+                match set {
+                    Some(set) if set.len() >= s.code.total() as usize => {
+                        let view = self.view(s, set, &held);
+                        left += self.hand_off(s, &view).await;
+                    }
+                    _ => left += s.mask.count_ones() as u64,
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        DrainReport { moved: self.totals.moved_shards - moved_before, left }
+    }
+
+    /// Re-reads a slice of the local blocks so rot is found even if nobody reads them.
+    async fn scrub(&mut self) {
+        let store = self.state.store.clone();
+        let budget = self.cfg.scrub_bytes_per_scan;
+        let cursor = self.scrub_cursor;
+        self.scrub_cursor = tokio::task::spawn_blocking(move || {
+            let keys = store.keys();
+            let start = cursor.map(|c| keys.partition_point(|k| *k <= c)).unwrap_or(0);
+            let mut spent = 0u64;
+            let mut last = None;
+            for key in keys.iter().skip(start) {
+                if spent >= budget {
+                    return last;
+                }
+                if let Ok(Some(b)) = store.get(key) {
+                    spent += b.data.len() as u64;
+                }
+                last = Some(*key);
+            }
+            None
+        })
+        .await
+        .unwrap_or(None);
+    }
+}
