@@ -163,7 +163,11 @@ async fn the_wire_refuses_bad_input_with_clear_status() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains(&format!("v{}", mutualstore::rpc::PROTOCOL_VERSION)) && e.message().contains("v999"), "names both versions: {}", e.message());
 
-    let e = c.find_next(pb::FindNextRequest { key: vec![1, 2, 3] }).await.unwrap_err();
+    let e = c.find_next(pb::FindNextRequest { key: vec![1, 2, 3], avoid: vec![] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c.find_next(pb::FindNextRequest { key: vec![0; 20], avoid: vec!["127.0.0.1:1".into(); 17] }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c.find_next(pb::FindNextRequest { key: vec![0; 20], avoid: vec!["no port".into()] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = c.get_block(pb::GetBlockRequest { key: vec![0; 21] }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -53,7 +53,7 @@ async fn run_lookup<A: Addr, T: Transport<A>>(
             Step::Done(f) => return Ok(f),
             Step::Failed(e) => return Err(e),
             Step::Ask(a) => {
-                let req = RingRequest::FindNext { key };
+                let req = RingRequest::FindNext { key, avoid: lookup.avoid() };
                 let res = match node {
                     Some(n) => call(n, net, &a, req, now_ms).await,
                     None => net.call(&a, req).await,

@@ -42,13 +42,26 @@ pub struct Lookup<A> {
     /// Addresses with no id yet (a bootstrap address), asked before the frontier.
     start_addrs: Vec<A>,
     asked: HashSet<A>,
+    /// Peers that failed to answer in this lookup, passed on so others route around them.
+    failed: Vec<A>,
+    /// The peer asked last, blamed if the answer does not come, and how many dead peers
+    /// it was told about.
+    current: Option<A>,
+    current_avoid: usize,
+    /// Peers that answered "ask someone else", with how many dead peers they knew of then:
+    /// once every lead is exhausted, one of them is asked again with the longer list, so
+    /// it can route around a dead vnode it still points at.
+    referrers: Vec<(A, usize)>,
     hops: u32,
 }
+
+/// Most dead peers a lookup reports in one request.
+pub const MAX_AVOID: usize = 16;
 
 impl<A: Addr> Lookup<A> {
     /// A lookup that begins with the answer of the asking peer's own routing table.
     pub fn from_route(key: Id, own: A, route: Route<A>) -> (Lookup<A>, Step<A>) {
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: HashSet::new(), hops: 0 };
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
         l.asked.insert(own);
         let step = l.absorb(route, false);
         (l, step)
@@ -67,7 +80,7 @@ impl<A: Addr> Lookup<A> {
 
     fn starting_at(key: Id, mut addrs: Vec<A>, exclude: Option<A>) -> (Lookup<A>, Step<A>) {
         addrs.reverse(); // popped from the back: the first given is asked first
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), hops: 0 };
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
         l.asked.extend(exclude);
         let step = l.next_step();
         (l, step)
@@ -77,14 +90,27 @@ impl<A: Addr> Lookup<A> {
         self.key
     }
 
+    /// Peers found dead so far, for the next request.
+    pub fn avoid(&self) -> Vec<A> {
+        self.failed.clone()
+    }
+
     /// The asked peer answered.
     pub fn on_route(&mut self, route: Route<A>) -> Step<A> {
         self.hops += 1;
+        if let (Route::Next(_), Some(a)) = (&route, self.current.take()) {
+            self.referrers.push((a, self.current_avoid));
+        }
         self.absorb(route, true)
     }
 
     /// The asked peer failed to answer (dead, timed out, refused): try the next candidate.
     pub fn on_failure(&mut self) -> Step<A> {
+        if let Some(a) = self.current.take() {
+            if self.failed.len() < MAX_AVOID {
+                self.failed.push(a);
+            }
+        }
         self.next_step()
     }
 
@@ -117,14 +143,63 @@ impl<A: Addr> Lookup<A> {
     fn next_step(&mut self) -> Step<A> {
         while let Some(a) = self.start_addrs.pop() {
             if self.asked.insert(a.clone()) {
+                self.current = Some(a.clone());
+                self.current_avoid = self.failed.len();
                 return Step::Ask(a);
             }
         }
         while let Some(c) = self.frontier.pop() {
             if self.asked.insert(c.addr.clone()) {
+                self.current = Some(c.addr.clone());
+                self.current_avoid = self.failed.len();
                 return Step::Ask(c.addr);
             }
         }
+        if self.hops < MAX_LOOKUP_HOPS {
+            if let Some(i) = self.referrers.iter().rposition(|(_, known)| *known < self.failed.len()) {
+                let (a, _) = self.referrers.remove(i);
+                self.current = Some(a.clone());
+                self.current_avoid = self.failed.len();
+                return Step::Ask(a);
+            }
+        }
         Step::Failed(LookupError::Unreachable { key: self.key.to_hex(), tried: self.asked.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(i: u8, a: &'static str) -> Contact<&'static str> {
+        Contact { id: Id::from_fraction(i as f64 / 256.0), addr: a }
+    }
+
+    #[test]
+    fn a_dead_next_hop_sends_the_referrer_the_news_and_it_routes_around() {
+        let key = Id::from_fraction(100.0 / 256.0);
+        let (mut l, step) = Lookup::from_addrs(key, vec!["s"]);
+        assert!(matches!(step, Step::Ask("s")));
+        // s says: ask d (which owns the stretch before the key).
+        assert!(matches!(l.on_route(Route::Next(vec![c(90, "d")])), Step::Ask("d")));
+        assert!(l.avoid().is_empty());
+        // d is dead: nobody else to ask, so s is asked again, now told d is dead.
+        assert!(matches!(l.on_failure(), Step::Ask("s")));
+        assert_eq!(l.avoid(), vec!["d"]);
+        // s, avoiding d, answers with the next live successor.
+        match l.on_route(Route::Found { owner: c(120, "x"), successors: vec![] }) {
+            Step::Done(f) => assert_eq!(f.owner.addr, "x"),
+            _ => panic!("lookup should be done"),
+        }
+    }
+
+    #[test]
+    fn a_referrer_is_not_asked_again_without_news() {
+        let key = Id::from_fraction(0.5);
+        let (mut l, _) = Lookup::from_addrs(key, vec!["s"]);
+        assert!(matches!(l.on_route(Route::Next(vec![c(90, "d")])), Step::Ask("d")));
+        assert!(matches!(l.on_failure(), Step::Ask("s")));
+        // s still only knows d: the lookup gives up instead of looping.
+        assert!(matches!(l.on_route(Route::Next(vec![c(90, "d")])), Step::Failed(_)));
     }
 }

@@ -30,7 +30,8 @@ pub struct NeighborsInfo<A> {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum RingRequest<A> {
-    FindNext { key: Id },
+    /// `avoid`: peers the asker found dead during this lookup.
+    FindNext { key: Id, avoid: Vec<A> },
     Neighbors { vnode: Id },
     Notify { vnode: Id, candidate: Contact<A>, as_successor: bool },
     Fingers { vnode: Id },

@@ -69,11 +69,11 @@ impl<A: Addr> Vnode<A> {
     /// The finger and the successor-list entry closest before `key` (strictly preceding
     /// it), found by binary search since both lists are sorted by distance from `id`.
     /// Both are offered: after a mass failure one of them may be dead.
-    fn closest_preceding(&self, key: Id) -> [Option<&Contact<A>>; 2] {
+    fn closest_preceding(&self, key: Id, avoid: &[A]) -> [Option<&Contact<A>>; 2] {
         let dk = self.dist(key);
         let pick = |list: &'_ [Contact<A>]| -> Option<usize> {
             let n = list.partition_point(|c| self.dist(c.id) < dk);
-            n.checked_sub(1)
+            (0..n).rev().find(|&i| !avoid.contains(&list[i].addr))
         };
         [pick(&self.fingers).map(|i| &self.fingers[i]), pick(&self.succ).map(|i| &self.succ[i])]
     }
@@ -220,6 +220,11 @@ impl<A: Addr> Node<A> {
     /// One routing step for `key`: either the owner (if this peer can tell) or the
     /// closest preceding contacts it knows, best first, for the caller to ask next.
     pub fn route(&self, key: Id) -> Route<A> {
+        self.route_avoiding(key, &[])
+    }
+
+    /// As `route`, treating the peers in `avoid` as dead (the asker found them so).
+    pub fn route_avoiding(&self, key: Id, avoid: &[A]) -> Route<A> {
         if let Some(s) = self.own_successor(key) {
             if let Some(p) = &s.pred {
                 if key.in_open_closed(p.id, s.id) {
@@ -237,18 +242,15 @@ impl<A: Addr> Node<A> {
             let closest = (after + n - 1) % n;
             for k in 0..ROUTE_VNODES.min(n) {
                 let v = &self.vnodes[(closest + n - k) % n];
-                // The successor list names every vnode over a stretch of ring: a key in
-                // that stretch is answered from it. Besides saving hops, this is what gets
-                // a lookup past a dead vnode that everyone still routes to: the peers
-                // before it know who follows it.
-                let mut prev = v.id;
-                for (j, s) in v.succ.iter().enumerate() {
-                    if key.in_open_closed(prev, s.id) {
-                        return Route::Found { owner: s.clone(), successors: v.succ[j + 1..].to_vec() };
+                // The first successor not known dead owns what lies between us and it
+                // (Chord's failure rule): that is how a lookup gets past a dead vnode that
+                // everyone still routes to, before stabilize has noticed.
+                if let Some(j) = v.succ.iter().position(|s| !avoid.contains(&s.addr)) {
+                    if key.in_open_closed(v.id, v.succ[j].id) {
+                        return Route::Found { owner: v.succ[j].clone(), successors: v.succ[j + 1..].to_vec() };
                     }
-                    prev = s.id;
                 }
-                for c in v.closest_preceding(key).into_iter().flatten() {
+                for c in v.closest_preceding(key, avoid).into_iter().flatten() {
                     candidates.push(c.clone());
                 }
             }
@@ -263,7 +265,7 @@ impl<A: Addr> Node<A> {
         candidates.sort_by_key(|c| c.id.distance_to(key));
         let mut next: Vec<Contact<A>> = Vec::with_capacity(self.config.next_hop_alternatives);
         for c in candidates {
-            if c.addr != self.addr && !next.iter().any(|n| n.addr == c.addr) {
+            if c.addr != self.addr && !avoid.contains(&c.addr) && !next.iter().any(|n| n.addr == c.addr) {
                 next.push(c);
                 if next.len() == self.config.next_hop_alternatives {
                     break;
@@ -443,7 +445,7 @@ impl<A: Addr> Node<A> {
     /// Answers one ring request.
     pub fn handle(&mut self, req: RingRequest<A>, now_ms: u64) -> RingResponse<A> {
         match req {
-            RingRequest::FindNext { key } => RingResponse::Route(self.route(key)),
+            RingRequest::FindNext { key, avoid } => RingResponse::Route(self.route_avoiding(key, &avoid)),
             RingRequest::Neighbors { vnode } => RingResponse::Neighbors(self.neighbors(vnode)),
             RingRequest::Notify { vnode, candidate, as_successor } => {
                 RingResponse::Notified(self.notify(vnode, candidate, as_successor, now_ms))

@@ -191,8 +191,9 @@ impl GrpcNet {
         let t = self.ring_timeout;
         let conv = |s: Status| net_error(to, s);
         match req {
-            RingRequest::FindNext { key } => {
-                let r = with_deadline(t, c.find_next(Self::request(pb::FindNextRequest { key: key.to_bytes().to_vec() }, t)))
+            RingRequest::FindNext { key, avoid } => {
+                let msg = pb::FindNextRequest { key: key.to_bytes().to_vec(), avoid: avoid.iter().map(|a| a.to_string()).collect() };
+                let r = with_deadline(t, c.find_next(Self::request(msg, t)))
                     .await
                     .map_err(conv)?;
                 Ok(RingResponse::Route(route_from(r.get_ref()).map_err(|s| net_error(to, s))?))

@@ -101,8 +101,13 @@ impl Peer for PeerService {
     }
 
     async fn find_next(&self, req: Request<pb::FindNextRequest>) -> Result<Response<pb::FindNextResponse>, Status> {
-        let key = id_from(&req.into_inner().key, "key")?;
-        match self.ring(RingRequest::FindNext { key }) {
+        let r = req.into_inner();
+        let key = id_from(&r.key, "key")?;
+        if r.avoid.len() > crate::ring::lookup::MAX_AVOID {
+            return Err(Status::invalid_argument(format!("{} peers to avoid (max {})", r.avoid.len(), crate::ring::lookup::MAX_AVOID)));
+        }
+        let avoid = r.avoid.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        match self.ring(RingRequest::FindNext { key, avoid }) {
             RingResponse::Route(r) => Ok(Response::new(route_to(&r))),
             _ => Err(unexpected()),
         }
