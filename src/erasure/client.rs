@@ -13,11 +13,12 @@
 use super::placement::distinct_peers;
 use super::stripe::{assemble, make_stripe, Shard};
 use super::Code;
-use crate::ring::{driver, Id};
+use crate::ring::{driver, Contact, Id};
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 /// Peers beyond k+m a read may ask: shards can sit just past the set while a join or
@@ -28,6 +29,8 @@ const READ_SPARES: usize = 2;
 const STRAGGLER_WAIT: Duration = Duration::from_millis(200);
 /// Most k-subsets tried when a decode does not match the stripe key (a forged shard).
 const MAX_DECODE_ATTEMPTS: usize = 64;
+const PLACEMENT_RETRIES: usize = 10;
+const PLACEMENT_RETRY_WAIT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HEDGE_AFTER: Duration = Duration::from_millis(150);
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,54 @@ pub struct StripeClient {
     pub code: Code,
     pub write_quorum: usize,
     pub hedge_after: Duration,
+    walks: Arc<parking_lot::Mutex<WalkCache>>,
+}
+
+/// Recent walks of the ring. A walk from key S is a contiguous run of vnodes with none
+/// in [S, first), so any key in [S, last] can be placed from it without a lookup. For a
+/// small ring a handful of walks cover it all; entries expire so joins and leaves show.
+#[derive(Default)]
+struct WalkCache {
+    walks: Vec<(Id, Vec<Contact<NetAddr>>, Instant)>,
+}
+
+const WALK_CACHE_TTL: Duration = Duration::from_secs(5);
+const WALK_CACHE_LEN: usize = 64;
+
+impl WalkCache {
+    fn peers_for(&mut self, key: Id, n: usize) -> Option<Vec<NetAddr>> {
+        self.walks.retain(|(_, _, t)| t.elapsed() < WALK_CACHE_TTL);
+        for (from, walk, _) in &self.walks {
+            let last = walk.last()?.id;
+            if !(key == *from || key.in_open_closed(*from, last)) {
+                continue;
+            }
+            let mut prev = *from;
+            let mut start = None;
+            for (i, c) in walk.iter().enumerate() {
+                if key == prev || key.in_open_closed(prev, c.id) {
+                    start = Some(i);
+                    break;
+                }
+                prev = c.id;
+            }
+            let peers = distinct_peers(&walk[start?..], n);
+            if peers.len() >= n {
+                return Some(peers);
+            }
+        }
+        None
+    }
+
+    fn insert(&mut self, from: Id, walk: Vec<Contact<NetAddr>>) {
+        if walk.is_empty() {
+            return;
+        }
+        if self.walks.len() >= WALK_CACHE_LEN {
+            self.walks.remove(0);
+        }
+        self.walks.push((from, walk, Instant::now()));
+    }
 }
 
 /// Default write quorum for a code: k+1, so one more loss is survivable before repair.
@@ -62,13 +113,22 @@ pub fn default_quorum(code: Code) -> usize {
 
 impl StripeClient {
     pub fn new(net: Arc<GrpcNet>, start: Vec<NetAddr>, code: Code) -> StripeClient {
-        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER }
+        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default() }
     }
 
-    /// The first `n` distinct peers at and after `key`.
+    /// The first `n` distinct peers at and after `key`, from the walk cache when a recent
+    /// walk covers the key, else from a lookup and walk.
     pub async fn peers_for(&self, key: Id, n: usize) -> Result<Vec<NetAddr>, StripeError> {
+        let suspects = self.net.suspected();
+        if let Some(p) = self.walks.lock().peers_for(key, n) {
+            if !p.iter().any(|a| suspects.contains(a)) {
+                return Ok(p);
+            }
+        }
         let walk = driver::walk_from(&*self.net, self.start.clone(), key, n).await.map_err(|e| StripeError::Lookup(e.to_string()))?;
-        Ok(distinct_peers(&walk, n))
+        let peers = distinct_peers(&walk, n);
+        self.walks.lock().insert(key, walk);
+        Ok(peers)
     }
 
     /// Stores `data` as one stripe; returns its key once the write quorum is durable.
@@ -80,7 +140,16 @@ impl StripeClient {
             .await
             .map_err(|e| StripeError::Internal(format!("encode task failed: {e}")))?
             .map_err(|e| StripeError::Internal(e.to_string()))?;
-        let peers = self.peers_for(stripe, total).await?;
+        let mut peers = self.peers_for(stripe, total).await?;
+        // A ring that is still converging (peers just joined) can show a short walk; give
+        // it a few seconds before calling the ring too small.
+        for _ in 0..PLACEMENT_RETRIES {
+            if peers.len() >= total {
+                break;
+            }
+            tokio::time::sleep(PLACEMENT_RETRY_WAIT).await;
+            peers = self.peers_for(stripe, total).await?;
+        }
         if peers.len() < total {
             return Err(StripeError::TooFewPeers { have: peers.len(), code });
         }
@@ -130,13 +199,18 @@ impl StripeClient {
     /// manifest); the code is learnt from the shards (the stripe key commits to it).
     pub async fn read_stripe(&self, stripe: Id, len: Option<usize>) -> Result<Vec<u8>, StripeError> {
         let guess = self.code;
-        let peers = self.peers_for(stripe, guess.total() as usize + READ_SPARES).await?;
+        let mut peers = self.peers_for(stripe, guess.total() as usize + READ_SPARES).await?;
+        // Peers that failed us recently are asked last, not first.
+        let suspects = self.net.suspected();
+        peers.sort_by_key(|p| suspects.contains(p));
+        let mut inflight: HashMap<NetAddr, Instant> = HashMap::new();
         let mut read = Read { stripe, code: None, len, got: Vec::new(), mask: 0, errors: Vec::new() };
         let mut tasks: JoinSet<(NetAddr, Result<Option<Shard>, crate::ring::NetError>)> = JoinSet::new();
         let mut next = 0usize;
-        let launch = |tasks: &mut JoinSet<_>, next: &mut usize, n: usize, skip: u64| {
+        let launch = |tasks: &mut JoinSet<_>, inflight: &mut HashMap<NetAddr, Instant>, next: &mut usize, n: usize, skip: u64| {
             for _ in 0..n {
                 if let Some(p) = peers.get(*next).cloned() {
+                    inflight.insert(p.clone(), Instant::now());
                     let net = self.net.clone();
                     tasks.spawn(async move {
                         let r = net.get_shard(&p, stripe, skip).await;
@@ -146,7 +220,7 @@ impl StripeClient {
                 }
             }
         };
-        launch(&mut tasks, &mut next, guess.k as usize, 0);
+        launch(&mut tasks, &mut inflight, &mut next, guess.k as usize, 0);
         let hedge = tokio::time::sleep(self.hedge_after);
         tokio::pin!(hedge);
         let mut hedged = false;
@@ -161,10 +235,13 @@ impl StripeClient {
                     .await
                     .map_err(|e| StripeError::Internal(format!("decode task failed: {e}")))?;
                 match res {
-                    Ok(data) => return Ok(data),
+                    Ok(data) => {
+                        self.suspect_stragglers(&inflight);
+                        return Ok(data);
+                    }
                     Err(e) => {
                         read.errors.push(e);
-                        launch(&mut tasks, &mut next, peers.len(), 0);
+                        launch(&mut tasks, &mut inflight, &mut next, peers.len(), 0);
                     }
                 }
             }
@@ -172,43 +249,46 @@ impl StripeClient {
                 r = tasks.join_next() => {
                     let Some(r) = r else {
                         if next < peers.len() {
-                            launch(&mut tasks, &mut next, 1, 0);
+                            launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                             continue;
                         }
                         break;
                     };
                     let (peer, res) = r.map_err(|e| StripeError::Internal(format!("read task failed: {e}")))?;
+                    inflight.remove(&peer);
                     match res {
                         Ok(Some(shard)) => {
                             if let Err(why) = read.accept(shard) {
                                 if why == DUPLICATE {
                                     // It may hold another index too (mid-rebalance): ask again.
                                     let mask = read.mask;
+                                    inflight.insert(peer.clone(), Instant::now());
                                     let net = self.net.clone();
                                     tasks.spawn(async move { let r = net.get_shard(&peer, stripe, mask).await; (peer, r) });
                                 } else {
                                     read.errors.push(format!("{peer}: {why}"));
-                                    launch(&mut tasks, &mut next, 1, 0);
+                                    launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                                 }
                             }
                         }
                         Ok(None) => {
                             read.errors.push(format!("{peer} holds no shard"));
-                            launch(&mut tasks, &mut next, 1, 0);
+                            launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                         }
                         Err(e) => {
                             read.errors.push(e.to_string());
-                            launch(&mut tasks, &mut next, 1, 0);
+                            launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                         }
                     }
                 }
                 _ = &mut hedge, if !hedged => {
                     hedged = true;
-                    launch(&mut tasks, &mut next, peers.len(), 0);
+                    launch(&mut tasks, &mut inflight, &mut next, peers.len(), 0);
                 }
             }
         }
         tasks.abort_all();
+        self.suspect_stragglers(&inflight);
         let code = read.code.unwrap_or(guess);
         let missing: Vec<String> = (0..code.total()).filter(|i| read.mask & (1u64 << i) == 0).map(|i| i.to_string()).collect();
         let have = read.got.len();
@@ -222,6 +302,17 @@ impl StripeClient {
             missing: missing.join(","),
             why: if read.errors.is_empty() { "no peer answered".into() } else { read.errors.join("; ") },
         })
+    }
+}
+
+impl StripeClient {
+    /// Peers still silent past the hedge delay are routed around for a while.
+    fn suspect_stragglers(&self, inflight: &HashMap<NetAddr, Instant>) {
+        for (p, t) in inflight {
+            if t.elapsed() >= self.hedge_after {
+                self.net.suspect(p);
+            }
+        }
     }
 }
 
@@ -296,6 +387,21 @@ fn next_combination(pick: &mut [usize], n: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_walk_cache_places_keys_inside_a_walk_and_only_those() {
+        let f = |x: f64| Id::from_fraction(x);
+        let c = |x: f64, a: &str| Contact { id: f(x), addr: NetAddr::from(a) };
+        let mut w = WalkCache::default();
+        w.insert(f(0.10), vec![c(0.20, "a"), c(0.30, "b"), c(0.40, "a"), c(0.50, "c"), c(0.60, "d")]);
+        let p = |v: &[&str]| v.iter().map(|s| NetAddr::from(*s)).collect::<Vec<_>>();
+        assert_eq!(w.peers_for(f(0.15), 3), Some(p(&["a", "b", "c"])));
+        assert_eq!(w.peers_for(f(0.25), 3), Some(p(&["b", "a", "c"])));
+        assert_eq!(w.peers_for(f(0.45), 2), Some(p(&["c", "d"])));
+        assert_eq!(w.peers_for(f(0.45), 3), None, "not enough of the walk left");
+        assert_eq!(w.peers_for(f(0.05), 1), None, "before the walk's start");
+        assert_eq!(w.peers_for(f(0.65), 1), None, "past the walk's end");
+    }
 
     #[test]
     fn combinations_cover_every_subset_once() {

@@ -16,6 +16,13 @@ use std::future::Future;
 
 pub trait Transport<A>: Send + Sync {
     fn call(&self, to: &A, req: RingRequest<A>) -> impl Future<Output = Result<RingResponse<A>, NetError>> + Send;
+
+    /// Peers this transport recently failed to reach, for lookups to route around from
+    /// the start (a client's failure detector; peers leave it empty and let stabilize
+    /// decide who is gone).
+    fn suspects(&self) -> Vec<A> {
+        Vec::new()
+    }
 }
 
 /// Calls `to`, answering locally when it is this very peer (no socket to ourselves).
@@ -95,7 +102,7 @@ pub async fn lookup<A: Addr, T: Transport<A>>(
 
 /// Finds the owner of `key` from outside the ring (a client, or a peer before it joins).
 pub async fn lookup_via<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id) -> Result<Found<A>, LookupError> {
-    let (l, step) = Lookup::from_addrs(key, start);
+    let (l, step) = Lookup::from_addrs_avoiding(key, start, net.suspects());
     run_lookup(None, net, l, step, 0).await
 }
 
@@ -129,7 +136,8 @@ pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id
         }
         // Extend from the last vnode of the walk that answers (the last may be dead).
         let mut info = None;
-        for c in walk.iter().rev().take(WALK_EXTEND_TRIES) {
+        let suspects = net.suspects();
+        for c in walk.iter().rev().filter(|c| !suspects.contains(&c.addr)).take(WALK_EXTEND_TRIES) {
             if let Ok(i) = neighbors(net, c).await {
                 if i.vnode_exists {
                     info = Some(i);

@@ -72,6 +72,19 @@ impl<A: Addr> Lookup<A> {
         Self::starting_at(key, addrs, None)
     }
 
+    /// Like `from_addrs`, treating `suspects` as dead from the start (never asked unless
+    /// given as a start address; passed on as peers to avoid).
+    pub fn from_addrs_avoiding(key: Id, addrs: Vec<A>, mut suspects: Vec<A>) -> (Lookup<A>, Step<A>) {
+        suspects.retain(|s| !addrs.contains(s));
+        suspects.truncate(MAX_AVOID);
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: suspects.iter().cloned().collect(), failed: suspects, current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
+        let mut addrs = addrs;
+        addrs.reverse();
+        l.start_addrs = addrs;
+        let step = l.next_step();
+        (l, step)
+    }
+
     /// Like `from_addrs`, but never asks `exclude` (a peer checking its own place on the
     /// ring must hear it from the others, not from its own possibly stale state).
     pub fn from_addrs_excluding(key: Id, addrs: Vec<A>, exclude: A) -> (Lookup<A>, Step<A>) {

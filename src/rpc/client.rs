@@ -24,16 +24,21 @@ pub struct GrpcNet {
     /// one: a lookup hop that does not answer quickly is routed around, so a frozen peer
     /// costs a client one short wait rather than the peers' patient 2 s.
     ring_timeout: Duration,
+    /// Clients only: peers that recently failed or timed out, and when.
+    suspects: Option<Mutex<HashMap<NetAddr, std::time::Instant>>>,
 }
 
 impl Default for GrpcNet {
     fn default() -> Self {
-        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT }
+        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None }
     }
 }
 
-/// Ring-call deadline for clients (put/get, the filesystem).
-pub const CLIENT_RING_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Ring-call deadline for clients (put/get, the filesystem): a FindNext on loopback or a
+/// LAN answers in well under a millisecond, so a hop this slow is routed around.
+pub const CLIENT_RING_CALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a client routes around a peer that failed it.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 pub fn net_error(addr: &str, s: Status) -> NetError {
     match s.code() {
@@ -55,7 +60,37 @@ impl GrpcNet {
 
     /// A network for clients: lookup hops give up after CLIENT_RING_CALL_TIMEOUT.
     pub fn for_client() -> Self {
-        GrpcNet { ring_timeout: CLIENT_RING_CALL_TIMEOUT, ..Self::default() }
+        GrpcNet { ring_timeout: CLIENT_RING_CALL_TIMEOUT, suspects: Some(Mutex::new(HashMap::new())), ..Self::default() }
+    }
+
+    /// Records the outcome of a call for the client's failure detector.
+    fn observe<T>(&self, addr: &NetAddr, r: &Result<T, NetError>) {
+        let Some(s) = &self.suspects else { return };
+        match r {
+            Ok(_) | Err(NetError::Refused(_)) | Err(NetError::Protocol(_)) => {
+                s.lock().remove(addr);
+            }
+            Err(_) => {
+                s.lock().insert(addr.clone(), std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Marks a peer that left a request unanswered past the caller's patience.
+    pub fn suspect(&self, addr: &NetAddr) {
+        if let Some(s) = &self.suspects {
+            s.lock().insert(addr.clone(), std::time::Instant::now());
+        }
+    }
+
+    /// Peers that failed this client within SUSPECT_FOR, most recent last.
+    pub fn suspected(&self) -> Vec<NetAddr> {
+        let Some(s) = &self.suspects else { return Vec::new() };
+        let mut m = s.lock();
+        m.retain(|_, t| t.elapsed() < SUSPECT_FOR);
+        let mut v: Vec<(NetAddr, std::time::Instant)> = m.iter().map(|(a, t)| (a.clone(), *t)).collect();
+        v.sort_by_key(|(_, t)| *t);
+        v.into_iter().map(|(a, _)| a).collect()
     }
 
     fn client(&self, addr: &NetAddr, timeout: Duration) -> Result<PeerClient<Channel>, NetError> {
@@ -132,6 +167,12 @@ impl GrpcNet {
     }
 
     pub async fn put_shard(&self, addr: &NetAddr, shard: &Shard) -> Result<(), NetError> {
+        let r = self.put_shard_inner(addr, shard).await;
+        self.observe(addr, &r);
+        r
+    }
+
+    async fn put_shard_inner(&self, addr: &NetAddr, shard: &Shard) -> Result<(), NetError> {
         let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
         let req = Self::request(pb::PutShardRequest { meta: shard.meta.encode(), data: shard.data.clone() }, BLOCK_CALL_TIMEOUT);
         with_deadline(BLOCK_CALL_TIMEOUT, c.put_shard(req)).await.map_err(|s| net_error(addr, s))?;
@@ -141,6 +182,12 @@ impl GrpcNet {
     /// One intact shard of `stripe` that `addr` holds, other than those in `skip_mask`.
     /// The answer is checked here: a shard whose header or bytes do not match is an error.
     pub async fn get_shard(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
+        let r = self.get_shard_inner(addr, stripe, skip_mask).await;
+        self.observe(addr, &r);
+        r
+    }
+
+    async fn get_shard_inner(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
         let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
         let req = Self::request(pb::GetShardRequest { stripe: stripe.to_bytes().to_vec(), skip_mask }, BLOCK_CALL_TIMEOUT);
         let r = with_deadline(BLOCK_CALL_TIMEOUT, c.get_shard(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
@@ -250,6 +297,14 @@ async fn with_deadline<T>(
 impl Transport<NetAddr> for GrpcNet {
     fn call(&self, to: &NetAddr, req: RingRequest<NetAddr>) -> impl Future<Output = Result<RingResponse<NetAddr>, NetError>> + Send {
         let to = to.clone();
-        async move { self.ring_call(&to, req).await }
+        async move {
+            let r = self.ring_call(&to, req).await;
+            self.observe(&to, &r);
+            r
+        }
+    }
+
+    fn suspects(&self) -> Vec<NetAddr> {
+        self.suspected()
     }
 }
