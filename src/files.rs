@@ -21,6 +21,8 @@ const MANIFEST_HEADER: usize = 20;
 const MANIFEST_ENTRY: usize = 24;
 /// Stripes in flight at once during put/get: enough to keep k+m peers busy.
 const PARALLEL_STRIPES: usize = 4;
+/// Longest stripe any code writes.
+const MAX_STRIPE_BYTES: usize = crate::erasure::MAX_SHARDS as usize * MAX_SHARD_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -50,11 +52,27 @@ pub struct FileClient {
 }
 
 impl FileClient {
-    /// A client for the ring at `start`, using the ring's own code.
+    /// A client for the ring at `start` that writes with the ring's own code.
     pub async fn connect(start: NetAddr) -> Result<FileClient, String> {
         let net = Arc::new(GrpcNet::for_client());
         let (_, code) = net.hello(&start, "").await.map_err(|e| format!("cannot reach {start}: {e}"))?;
         Ok(FileClient { stripes: StripeClient::new(net, vec![start], code) })
+    }
+
+    /// A client that writes with the code the ring can hold now: the ring's, or a
+    /// narrower one with the same parity when the ring has fewer than k+m peers.
+    pub async fn connect_writer(start: NetAddr) -> Result<FileClient, String> {
+        let mut c = Self::connect(start).await?;
+        // Too few peers even for that is reported by the write itself.
+        match c.stripes.effective_code().await {
+            Ok(code) => {
+                c.stripes.code = code;
+                c.stripes.write_quorum = crate::erasure::client::default_quorum(code);
+            }
+            Err(StripeError::TooFewPeers { .. }) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(c)
     }
 
     pub fn code(&self) -> Code {
@@ -128,7 +146,8 @@ impl FileClient {
     /// Reads the manifest behind a handle.
     pub async fn manifest(&self, handle: Id) -> Result<(u64, Vec<StripeRef>), FileError> {
         let m = self.stripes.read_stripe(handle, None).await?;
-        decode_manifest(&m, self.stripe_bytes()).map_err(|e| FileError::BadHandle(format!("{}: {e}", handle.to_hex())))
+        // Stripes may have been written under a wider code than this client writes with.
+        decode_manifest(&m, MAX_STRIPE_BYTES).map_err(|e| FileError::BadHandle(format!("{}: {e}", handle.to_hex())))
     }
 
     /// Fetches the file behind `handle` into `out` (a temporary file, then renamed).
@@ -212,8 +231,11 @@ pub fn decode_manifest(m: &[u8], stripe_bytes: usize) -> Result<(u64, Vec<Stripe
         .map(|c| StripeRef { key: Id::from_slice(&c[..20]).expect("20 bytes"), len: u32::from_be_bytes(c[20..24].try_into().expect("4 bytes")) })
         .collect();
     let sum: u64 = refs.iter().map(|r| r.len as u64).sum();
-    if sum != size || refs.iter().any(|r| r.len as usize > stripe_bytes) {
+    if sum != size {
         return Err(format!("manifest size {size} does not match its stripes ({sum} bytes)"));
+    }
+    if let Some(r) = refs.iter().find(|r| r.len as usize > stripe_bytes) {
+        return Err(format!("stripe {} of {} bytes is longer than any code allows ({stripe_bytes})", r.key.to_hex(), r.len));
     }
     Ok((size, refs))
 }

@@ -86,6 +86,15 @@ enum Cmd {
         #[arg(long)]
         join: String,
     },
+    /// Measure erasure encode/decode throughput on one core (a benchmark, not a test).
+    BenchCodec {
+        #[arg(long, default_value = "4+2")]
+        code: Code,
+        #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+        shard: u64,
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
     /// Simulate a ring of many peers running the real ring code in memory.
     Sim {
         #[arg(long, default_value_t = 1000)]
@@ -217,7 +226,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }),
         Cmd::Put { file, join } => runtime()?.block_on(async move {
-            let client = FileClient::connect(join_addr(&join)?).await?;
+            let client = FileClient::connect_writer(join_addr(&join)?).await?;
             let len = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
             let (bar, progress) = progress_bar(len, "put");
             let handle = client.put_file(&file, progress).await.map_err(|e| e.to_string());
@@ -235,6 +244,17 @@ fn run(cli: Cli) -> Result<(), String> {
             eprintln!("wrote {} bytes to {}", n?, output.display());
             Ok(())
         }),
+        Cmd::BenchCodec { code, shard, rounds } => {
+            if !(64..=(16 << 20)).contains(&shard) || shard % 64 != 0 {
+                return Err(format!("--shard {shard}: want a multiple of 64 bytes up to 16 MiB"));
+            }
+            if !(1..=100_000).contains(&rounds) {
+                return Err(format!("--rounds {rounds} outside 1..100000"));
+            }
+            let r = mutualstore::erasure::bench::run(code, shard as usize, rounds)?;
+            println!("{}", serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?);
+            Ok(())
+        }
         Cmd::Sim { peers, fail, lookups, seed, json } => {
             if !(1..=1_000_000).contains(&peers) {
                 return Err(format!("--peers {peers} outside 1..1000000"));

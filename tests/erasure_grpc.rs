@@ -252,15 +252,31 @@ async fn a_draining_peer_moves_its_shards_before_it_leaves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_to_a_ring_too_small_for_the_code_is_refused() {
+async fn a_small_ring_writes_narrower_stripes_and_a_tiny_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ring = ProcRing::start(&dir.path().join("ring"), 3, "4+2", "256MiB", 600.0);
+    let mut ring = ProcRing::start(&dir.path().join("ring"), 3, "4+2", "256MiB", 600.0);
     ring.wait_ring(LONG).await;
-    let (src, _) = write_file(dir.path(), "in", 1000, 40);
-    let (ok, _, err) = cli(&["put", src.to_str().unwrap(), "--join", &ring.first_alive()], LONG).await;
-    assert!(!ok, "a 4+2 write to 3 peers must fail");
-    assert!(err.contains("needs 6 distinct peers"), "{err}");
-    // And the library path says the same.
-    let c = FileClient::connect(ring.first_alive()).await.unwrap();
-    assert!(c.put_file(&src, None).await.is_err());
+    let (src, data) = write_file(dir.path(), "in", 3 * MIB, 40);
+    // Three peers under 4+2: stripes are written 1+2, so any two may die.
+    let c = FileClient::connect_writer(ring.first_alive()).await.unwrap();
+    assert_eq!(c.code().to_string(), "1+2");
+    let h = put(&ring, &src).await;
+    ring.kill(1);
+    ring.kill(2);
+    let out = dir.path().join("out");
+    assert!(get(&ring, h, &out).await.unwrap() == data, "1+2 stripes with two of three peers dead");
+    // One peer cannot hold m+1 = 3 shards on distinct peers: refused, with the reason.
+    // Until the survivor notices its neighbours are gone the write fails on them instead;
+    // either way it must fail, and once the ring has shrunk it must say why.
+    let mut last = String::new();
+    for _ in 0..30 {
+        let (ok, _, err) = cli(&["put", src.to_str().unwrap(), "--join", &ring.first_alive()], LONG).await;
+        assert!(!ok, "a write to a ring of one peer must fail");
+        last = err;
+        if last.contains("needs 6 distinct peers") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("the refusal never named the reason: {last}");
 }

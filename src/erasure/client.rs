@@ -116,6 +116,32 @@ impl StripeClient {
         StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default() }
     }
 
+    /// The code new stripes are written with: the ring's, or for a ring with fewer than
+    /// k+m peers, a narrower one with the same m (k' = peers - m), so a small ring still
+    /// survives m losses; fewer than m+1 peers is an error.
+    pub async fn effective_code(&self) -> Result<Code, StripeError> {
+        let code = self.code;
+        let total = code.total() as usize;
+        let mut have = 0;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                // A ring that is still converging can show a short walk once.
+                tokio::time::sleep(PLACEMENT_RETRY_WAIT).await;
+            }
+            let key = Id::from_fraction(rand::random::<f64>());
+            have = self.peers_for(key, total).await?.len();
+            if have >= total {
+                return Ok(code);
+            }
+        }
+        if have > code.m as usize {
+            let narrow = Code::new((have - code.m as usize) as u8, code.m).map_err(StripeError::Internal)?;
+            log::warn!("the ring has {have} peers, fewer than {total}: writing {narrow} stripes (still {} losses survivable)", code.m);
+            return Ok(narrow);
+        }
+        Err(StripeError::TooFewPeers { have, code })
+    }
+
     /// The first `n` distinct peers at and after `key`, from the walk cache when a recent
     /// walk covers the key, else from a lookup and walk.
     pub async fn peers_for(&self, key: Id, n: usize) -> Result<Vec<NetAddr>, StripeError> {

@@ -6,6 +6,7 @@
 //! - `client`: writing and reading stripes over the network with quorum and hedging.
 //! - `upkeep`: a peer's background work: repair, rebalance and drain.
 
+pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod placement;

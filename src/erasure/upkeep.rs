@@ -147,17 +147,28 @@ pub struct Upkeep {
     pacer: Pacer,
 }
 
-/// A stripe's holder set and who holds what in it.
+/// A stripe's holder set and who holds what in it, plus what the next few peers past the
+/// set hold (shards wait there while a join or leave is being rebalanced).
 struct View {
     set: Vec<NetAddr>,
     masks: Vec<u64>,
+    spare_masks: Vec<u64>,
 }
 
 impl View {
     fn union(&self) -> u64 {
         self.masks.iter().fold(0, |a, m| a | m)
     }
+
+    /// Indexes held anywhere we looked: an index held only past the set is not lost,
+    /// its holder hands it over.
+    fn union_with_spares(&self) -> u64 {
+        self.spare_masks.iter().fold(self.union(), |a, m| a | m)
+    }
 }
+
+/// Peers past the set probed for shards in transit.
+const SPARES: usize = 2;
 
 impl Upkeep {
     pub fn new(state: Arc<PeerState>, net: Arc<GrpcNet>, me: NetAddr, cfg: UpkeepConfig) -> Upkeep {
@@ -229,12 +240,11 @@ impl Upkeep {
         out
     }
 
-    fn view(&self, s: &LocalStripe, set: &[NetAddr], held: &HashMap<(NetAddr, Id), u64>) -> View {
-        let masks = set
-            .iter()
-            .map(|p| if *p == self.me { s.mask } else { held.get(&(p.clone(), s.stripe)).copied().unwrap_or(0) })
-            .collect();
-        View { set: set.to_vec(), masks }
+    /// The view of `s` from a walk: its first k+m peers are the set, the rest spares.
+    fn view(&self, s: &LocalStripe, walk: &[NetAddr], held: &HashMap<(NetAddr, Id), u64>) -> View {
+        let mask_of = |p: &NetAddr| if *p == self.me { s.mask } else { held.get(&(p.clone(), s.stripe)).copied().unwrap_or(0) };
+        let total = (s.code.total() as usize).min(walk.len());
+        View { set: walk[..total].to_vec(), masks: walk[..total].iter().map(mask_of).collect(), spare_masks: walk[total..].iter().map(mask_of).collect() }
     }
 
     /// One pass over every local stripe. Returns the report status shows.
@@ -250,7 +260,7 @@ impl Upkeep {
             let _ = tokio::task::spawn_blocking(move || store.delete(&key)).await;
         }
         stripes.sort_by_key(|s| s.stripe);
-        let sets = self.walks(&stripes, 0).await;
+        let sets = self.walks(&stripes, SPARES).await;
         let held = self.probe(&stripes, &sets).await;
         let mut report = UpkeepReport::default();
         let mut still_degraded: HashSet<Id> = HashSet::new();
@@ -265,7 +275,7 @@ impl Upkeep {
             if s.corrupt != 0 {
                 self.rebuild_local(s, &view).await;
             }
-            if !set.contains(&self.me) {
+            if !view.set.contains(&self.me) {
                 self.hand_off(s, &view).await;
                 continue;
             }
@@ -280,7 +290,7 @@ impl Upkeep {
                 continue;
             }
             report.stripes += 1;
-            let have = view.union().count_ones() as usize;
+            let have = view.union_with_spares().count_ones() as usize;
             if have >= total {
                 continue;
             }
@@ -354,7 +364,7 @@ impl Upkeep {
 
     /// Rebuilds missing indexes onto set members that hold nothing. True if complete.
     async fn repair(&mut self, s: &LocalStripe, view: &View) -> bool {
-        let union = view.union();
+        let union = view.union_with_spares();
         let missing: Vec<u8> = (0..s.code.total()).filter(|i| union & (1 << i) == 0).collect();
         let targets: Vec<NetAddr> = view.set.iter().zip(&view.masks).filter(|(_, m)| **m == 0).map(|(p, _)| p.clone()).collect();
         let Some(data) = self.fetch_stripe(s, view).await else { return false };

@@ -37,7 +37,11 @@ async fn call<A: Addr, T: Transport<A>>(
     if local {
         return Ok(node.lock().handle(req, now_ms));
     }
-    net.call(to, req).await
+    let r = net.call(to, req).await;
+    if r.is_ok() {
+        node.lock().mark_reachable(to);
+    }
+    r
 }
 
 fn unexpected<A>(what: &str, got: &RingResponse<A>) -> NetError
@@ -332,9 +336,13 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                 node.lock().mark_gone(succ.id, now_ms);
             }
             Err(_) => {
-                // Unreachable from this vnode: skip it. If it was only a lost message,
-                // the next successor's predecessor pointer brings it back.
-                if let Some(v) = node.lock().vnode_mut(vnode) {
+                // Unreachable from this vnode: skip it (and stop routing to it). If it was
+                // only a lost message, the next successor's predecessor pointer and
+                // fix_fingers bring it back.
+                let mut n = node.lock();
+                n.forget_finger_addr(&succ.addr);
+                n.mark_unreachable(&succ.addr, now_ms);
+                if let Some(v) = n.vnode_mut(vnode) {
                     v.succ.retain(|s| s.addr != succ.addr);
                 }
             }
@@ -402,6 +410,10 @@ fn adopt_predecessor_as_successor<A: Addr>(node: &Mutex<Node<A>>, vnode: Id) {
         if let Some(p) = me_v.and_then(|v| v.pred.clone()) {
             c.push(p);
         }
+        // Our own other vnodes are certainly alive: a peer whose neighbours all died ends
+        // up a ring of its own vnodes rather than pointing at the dead forever.
+        let own: Vec<Contact<A>> = n.vnodes.iter().filter(|v| v.id != vnode).map(|v| n.contact(v.id)).collect();
+        c.extend(own);
         c
     };
     if let Some(v) = n.vnode_mut(vnode) {
