@@ -8,12 +8,14 @@
 #
 # Environment: MS_RING_DIR (default /tmp/mutualstore-ring) holds each peer's data
 # directory, log and pid; MS_BASE_PORT (default 7001) is the first peer's port;
-# MS_CAPACITY (default 2GiB) is each peer's disk image size.
+# MS_CAPACITY (default 2GiB) is each peer's disk image size; MS_CODE (default 4+2) is the
+# ring's erasure code (k data + m parity shards per stripe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${MS_RING_DIR:-/tmp/mutualstore-ring}
 BASE=${MS_BASE_PORT:-7001}
 CAP=${MS_CAPACITY:-2GiB}
+CODE=${MS_CODE:-4+2}
 BIN=${CARGO_TARGET_DIR:-target}/release/mutualstore-fs
 
 die() { echo "local-ring: $*" >&2; exit 1; }
@@ -37,7 +39,7 @@ up() {
     local port=$((BASE + i))
     port_busy "$port" && { down >/dev/null 2>&1 || true; die "port $port is busy (set MS_BASE_PORT)"; }
     local args=(peer --listen "127.0.0.1:$port" --data "$DIR/p$i" --capacity "$CAP")
-    [ "$i" -gt 0 ] && args+=(--join "$first")
+    if [ "$i" -gt 0 ]; then args+=(--join "$first"); else args+=(--code "$CODE"); fi
     nohup "$BIN" "${args[@]}" >"$DIR/p$i.log" 2>&1 </dev/null &
     echo "$!" >>"$DIR/pids"
     for _ in $(seq 1 50); do port_busy "$port" && break; sleep 0.1; done
@@ -54,6 +56,7 @@ A ring of $n peers is running on 127.0.0.1:$BASE..$((BASE + n - 1)); data and lo
   store a file:   $BIN put FILE --join $first          (prints a handle)
   fetch it:       $BIN get HANDLE -o OUT --join $first
   look at it:     $BIN status --join $first
+  drain a peer:   $BIN leave --join 127.0.0.1:$((BASE + 1))   (moves its shards away, then it exits)
   stop it:        scripts/local-ring.sh down
 MSG
 }

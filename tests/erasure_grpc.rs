@@ -191,14 +191,7 @@ async fn a_joining_peer_receives_its_share_and_little_else_moves() {
     // Settled: the newcomer holds data and the moved total has not changed for a while.
     let mut last = (u64::MAX, 0);
     let mut steady = 0;
-    let st = ring
-        .wait_status(LONG, "rebalance to settle", |st| {
-            let got = st.peers.iter().find(|p| p.addr == addr).map(|p| p.used_bytes).unwrap_or(0);
-            let _ = got;
-            st.ring_size == 7 && st.health.scanned
-        })
-        .await;
-    let _ = st;
+    ring.wait_status(LONG, "the newcomer in the ring, every peer scanned", |st| st.ring_size == 7 && st.health.scanned).await;
     let deadline = tokio::time::Instant::now() + LONG;
     let final_st = loop {
         let st = ring.status().await.unwrap();

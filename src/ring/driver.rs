@@ -37,11 +37,7 @@ async fn call<A: Addr, T: Transport<A>>(
     if local {
         return Ok(node.lock().handle(req, now_ms));
     }
-    let r = net.call(to, req).await;
-    if r.is_ok() {
-        node.lock().mark_reachable(to);
-    }
-    r
+    net.call(to, req).await
 }
 
 fn unexpected<A>(what: &str, got: &RingResponse<A>) -> NetError
@@ -335,14 +331,14 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                 // everywhere, and keep it from being copied back from neighbours' lists.
                 node.lock().mark_gone(succ.id, now_ms);
             }
+            Err(NetError::Unreachable(_)) => {
+                // Refused or no route: drop the peer from all our vnodes' lists at once.
+                node.lock().drop_unreachable(&succ.addr);
+            }
             Err(_) => {
-                // Unreachable from this vnode: skip it (and stop routing to it). If it was
-                // only a lost message, the next successor's predecessor pointer and
-                // fix_fingers bring it back.
-                let mut n = node.lock();
-                n.forget_finger_addr(&succ.addr);
-                n.mark_unreachable(&succ.addr, now_ms);
-                if let Some(v) = n.vnode_mut(vnode) {
+                // No answer in time, perhaps a lost message: skip it for this vnode only;
+                // the next successor's predecessor pointer brings it back if it lives.
+                if let Some(v) = node.lock().vnode_mut(vnode) {
                     v.succ.retain(|s| s.addr != succ.addr);
                 }
             }
