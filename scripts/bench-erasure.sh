@@ -18,7 +18,7 @@ BIN=target/release/mutualstore-fs
 cargo build --release -q
 W=$(mktemp -d /tmp/ms-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill -9 "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$W"; }
+cleanup() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 now() { date +%s.%N; }
 mibs() { python3 -c "print(f'{$1/($3-$2):.1f}')"; }
@@ -43,7 +43,7 @@ start_ring() {
   done
   sleep 3
 }
-stop_ring() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
+stop_ring() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
 J=127.0.0.1:$BASE
 
 echo "== 6-peer ring, 4+2, ${SIZE} MiB file"

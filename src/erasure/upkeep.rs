@@ -39,8 +39,9 @@ pub struct UpkeepConfig {
     pub grace: Duration,
     /// Repair and hand-off bandwidth cap in bytes/s (0 = none), so foreground I/O goes on.
     pub rate_bytes_per_sec: u64,
-    /// Local shard bytes re-verified per scan (rolling), to find rot nobody reads.
-    pub scrub_bytes_per_scan: u64,
+    /// Local shard bytes re-verified per second (rolling, in slices per scan), to find rot
+    /// nobody reads.
+    pub scrub_bytes_per_sec: u64,
 }
 
 impl Default for UpkeepConfig {
@@ -49,7 +50,7 @@ impl Default for UpkeepConfig {
             interval: Duration::from_secs(10),
             grace: Duration::from_secs(300),
             rate_bytes_per_sec: 64 << 20,
-            scrub_bytes_per_scan: 256 << 20,
+            scrub_bytes_per_sec: 8 << 20,
         }
     }
 }
@@ -499,7 +500,7 @@ impl Upkeep {
     /// Re-reads a slice of the local blocks so rot is found even if nobody reads them.
     async fn scrub(&mut self) {
         let store = self.state.store.clone();
-        let budget = self.cfg.scrub_bytes_per_scan;
+        let budget = (self.cfg.scrub_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
         let cursor = self.scrub_cursor;
         self.scrub_cursor = tokio::task::spawn_blocking(move || {
             let keys = store.keys();
