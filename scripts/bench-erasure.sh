@@ -18,7 +18,7 @@ BIN=target/release/mutualstore-fs
 cargo build --release -q
 W=$(mktemp -d /tmp/ms-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; mkdir -p /tmp/ms-bench-logs; cp "$W"/*.log /tmp/ms-bench-logs/ 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 now() { date +%s.%N; }
 mibs() { python3 -c "print(f'{$1/($3-$2):.1f}')"; }
@@ -71,7 +71,7 @@ kill -STOP "${PIDS[3]}"
 echo -n "get latency, one frozen:  "; lat "$W/lat1"
 kill -CONT "${PIDS[3]}"
 kill -9 "${PIDS[2]}" "${PIDS[4]}"
-a=$(now); "$BIN" get "$h" -o "$W/out2" --join $J 2>/dev/null; b=$(now)
+a=$(now); "$BIN" get "$h" -o "$W/out2" --join $J 2>"$W/get2.log" || { tail -3 "$W/get2.log"; exit 1; }; b=$(now)
 cmp -s "$W/big" "$W/out2" || { echo "degraded get returned different bytes"; exit 1; }
 echo "get (2 of 6 dead): $(mibs "$SIZE" "$a" "$b") MiB/s"
 stop_ring

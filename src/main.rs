@@ -77,6 +77,10 @@ enum Cmd {
         file: PathBuf,
         #[arg(long)]
         join: String,
+        /// Shards of each stripe that must be durable before the write is acknowledged
+        /// (default k+1; never below k; the rest are completed by repair).
+        #[arg(long)]
+        write_quorum: Option<usize>,
     },
     /// Fetch a file by handle.
     Get {
@@ -225,8 +229,15 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }),
-        Cmd::Put { file, join } => runtime()?.block_on(async move {
-            let client = FileClient::connect_writer(join_addr(&join)?).await?;
+        Cmd::Put { file, join, write_quorum } => runtime()?.block_on(async move {
+            let mut client = FileClient::connect_writer(join_addr(&join)?).await?;
+            if let Some(q) = write_quorum {
+                let code = client.code();
+                if q < code.k as usize || q > code.total() as usize {
+                    return Err(format!("--write-quorum {q}: must be between k = {} and k+m = {} for code {code}", code.k, code.total()));
+                }
+                client.stripes.write_quorum = q;
+            }
             let len = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
             let (bar, progress) = progress_bar(len, "put");
             let handle = client.put_file(&file, progress).await.map_err(|e| e.to_string());

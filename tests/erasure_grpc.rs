@@ -64,6 +64,34 @@ async fn four_plus_two_survives_any_two_kills_and_fails_clearly_on_a_third() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pair_of_unavailable_peers_is_survived_by_four_plus_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "512MiB", 600.0);
+    ring.wait_ring(LONG).await;
+    let (src, data) = write_file(dir.path(), "in", 9 * MIB, 5);
+    let h = put(&ring, &src).await;
+    // Every stripe has one shard on each of the 6 peers, so freezing each of the 15 pairs
+    // is every loss pattern of two shards (peer 0 is the client's way in, so its pairs are
+    // frozen with reads entering through peer 5).
+    let out = dir.path().join("out");
+    for a in 0..6 {
+        for b in a + 1..6 {
+            ring.signal(a, libc::SIGSTOP);
+            ring.signal(b, libc::SIGSTOP);
+            let entry = if a == 0 { ring.addr(if b == 5 { 4 } else { 5 }) } else { ring.addr(0) };
+            let r = FileClient::connect(entry).await.map_err(|e| e.to_string());
+            let got = match r {
+                Ok(c) => c.get_file(h, &out, None).await.map_err(|e| e.to_string()).map(|_| std::fs::read(&out).unwrap()),
+                Err(e) => Err(e),
+            };
+            ring.signal(a, libc::SIGCONT);
+            ring.signal(b, libc::SIGCONT);
+            assert!(got.unwrap_or_else(|e| panic!("peers {a} and {b} unavailable: {e}")) == data, "peers {a} and {b} unavailable: bytes differ");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_plus_one_survives_the_loss_of_any_one_peer() {
     let dir = tempfile::tempdir().unwrap();
     let mut ring = ProcRing::start(&dir.path().join("ring"), 3, "2+1", "512MiB", 600.0);
@@ -242,6 +270,31 @@ async fn a_draining_peer_moves_its_shards_before_it_leaves() {
     ring.kill(6);
     let outp = dir.path().join("out");
     assert!(get(&ring, h, &outp).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_drain_on_exit_moves_shards_before_leaving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "512MiB", 600.0);
+    ring.extra = vec!["--drain-on-exit".into()];
+    let i = ring.add_peer();
+    ring.wait_ring(LONG).await;
+    let (src, data) = write_file(dir.path(), "in", 12 * MIB, 31);
+    let h = put(&ring, &src).await;
+    ring.wait_status(LONG, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await;
+    assert!(ring.peers[i].as_ref().unwrap().dir.join("image.msd").exists());
+    ring.signal(i, libc::SIGTERM);
+    assert!(ring.wait_exit(i, Duration::from_secs(60)), "the draining peer exits");
+    ring.wait_status(LONG, "6 peers", |st| st.ring_size == 6).await;
+    // Scans run every second: a few seconds on, every report is from after the leave.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let st = ring.status().await.unwrap();
+    assert_eq!(st.health.degraded_stripes, 0, "nothing became degraded:\n{}", mutualstore::status::table(&st));
+    assert_eq!(st.health.repaired_shards, 0, "nothing needed repair");
+    ring.kill(0);
+    ring.kill(3);
+    let out = dir.path().join("out");
+    assert!(get(&ring, h, &out).await.unwrap() == data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

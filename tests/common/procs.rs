@@ -25,12 +25,14 @@ pub struct ProcRing {
     pub grace_s: f64,
     /// Where each peer last listened, so a restart comes back at the same address.
     pub last_addr: Vec<NetAddr>,
+    /// Extra flags for peers started from now on.
+    pub extra: Vec<String>,
 }
 
 impl ProcRing {
     /// Starts `n` peers one after another, each joining the first.
     pub fn start(root: &Path, n: usize, code: &str, capacity: &str, grace_s: f64) -> ProcRing {
-        let mut r = ProcRing { root: root.to_path_buf(), peers: Vec::new(), code: code.into(), capacity: capacity.into(), grace_s, last_addr: Vec::new() };
+        let mut r = ProcRing { root: root.to_path_buf(), peers: Vec::new(), code: code.into(), capacity: capacity.into(), grace_s, last_addr: Vec::new(), extra: Vec::new() };
         for _ in 0..n {
             r.add_peer();
         }
@@ -69,6 +71,7 @@ impl ProcRing {
         cmd.args(["peer", "--listen", listen, "--data"])
             .arg(&dir)
             .args(["--capacity", &self.capacity, "--maintenance-s", "0.2", "--upkeep-s", "1", "--grace-s", &self.grace_s.to_string()])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
