@@ -30,6 +30,8 @@ const STRAGGLER_WAIT: Duration = Duration::from_millis(200);
 /// Most k-subsets tried when a decode does not match the stripe key (a forged shard).
 const MAX_DECODE_ATTEMPTS: usize = 64;
 const PLACEMENT_RETRIES: usize = 10;
+const READ_ATTEMPTS: usize = 3;
+const READ_RETRY_WAIT: Duration = Duration::from_millis(400);
 const PLACEMENT_RETRY_WAIT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HEDGE_AFTER: Duration = Duration::from_millis(150);
 
@@ -224,6 +226,21 @@ impl StripeClient {
     /// Reads a stripe back. `len` is its length when the caller knows it (from a
     /// manifest); the code is learnt from the shards (the stripe key commits to it).
     pub async fn read_stripe(&self, stripe: Id, len: Option<usize>) -> Result<Vec<u8>, StripeError> {
+        // A walk taken while the ring is still noticing a loss can be short of live holders:
+        // look again (without the cache) before calling the stripe unavailable.
+        for _ in 1..READ_ATTEMPTS {
+            match self.read_stripe_once(stripe, len).await {
+                Err(StripeError::Unavailable { .. }) => {
+                    self.walks.lock().walks.clear();
+                    tokio::time::sleep(READ_RETRY_WAIT).await;
+                }
+                r => return r,
+            }
+        }
+        self.read_stripe_once(stripe, len).await
+    }
+
+    async fn read_stripe_once(&self, stripe: Id, len: Option<usize>) -> Result<Vec<u8>, StripeError> {
         let guess = self.code;
         let mut peers = self.peers_for(stripe, guess.total() as usize + READ_SPARES).await?;
         // Peers that failed us recently are asked last, not first.

@@ -333,7 +333,7 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
             }
             Err(NetError::Unreachable(_)) => {
                 // Refused or no route: drop the peer from all our vnodes' lists at once.
-                node.lock().drop_unreachable(&succ.addr);
+                node.lock().drop_unreachable(&succ.addr, now_ms);
             }
             Err(_) => {
                 // No answer in time, perhaps a lost message: skip it for this vnode only;

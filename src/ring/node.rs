@@ -155,10 +155,16 @@ pub struct Node<A> {
     /// Without this a departed vnode lingers deep in lists that wrap a small ring and is
     /// copied back from one neighbour to the next forever.
     pub gone: Vec<(Id, u64)>,
+    /// Peers that refused our connection recently (until the given time): kept out of
+    /// successor lists copied from neighbours, who may not have noticed yet. A refusal,
+    /// unlike a timeout, is no lost message.
+    pub refused: Vec<(A, u64)>,
 }
 
 /// How long a vnode found gone is kept out of copied successor lists.
 pub const GONE_TTL_MS: u64 = 30_000;
+/// How long a peer that refused a connection is kept out of copied successor lists.
+pub const REFUSED_TTL_MS: u64 = 10_000;
 const GONE_MAX: usize = 64;
 
 /// How many recently seen peer addresses a node keeps for rejoining.
@@ -169,7 +175,7 @@ impl<A: Addr> Node<A> {
         let mut vnodes: Vec<Vnode<A>> = vnode_ids.iter().map(|&id| Vnode::new(id)).collect();
         vnodes.sort_by_key(|v| v.id);
         vnodes.dedup_by_key(|v| v.id);
-        Node { addr, peer_id, capacity_bytes, config, vnodes, seen: Vec::new(), gone: Vec::new() }
+        Node { addr, peer_id, capacity_bytes, config, vnodes, seen: Vec::new(), gone: Vec::new(), refused: Vec::new() }
     }
 
     /// A ring of one: every vnode's successors and predecessor are our own vnodes.
@@ -298,8 +304,9 @@ impl<A: Addr> Node<A> {
     /// `as_successor`, our successor: a joiner announcing itself to the vnode before it).
     pub fn notify(&mut self, vnode_id: Id, candidate: Contact<A>, as_successor: bool, now_ms: u64) -> bool {
         let r = self.config.successor_list_len;
-        // A vnode that notifies us exists, whatever we concluded before.
+        // A vnode that notifies us exists and is reachable, whatever we concluded before.
         self.gone.retain(|(g, _)| *g != candidate.id);
+        self.refused.retain(|(a, _)| *a != candidate.addr);
         let Some(v) = self.vnode_mut(vnode_id) else { return false };
         if candidate.id == v.id {
             return false;
@@ -380,10 +387,15 @@ impl<A: Addr> Node<A> {
     /// vnodes at once (fingers are left to lookups and fix_fingers). Dropping it from one vnode only is not enough: our own vnodes
     /// copy each other's lists (a lone survivor's vnodes are each other's successors), and
     /// would hand a dead peer back and forth forever.
-    pub fn drop_unreachable(&mut self, addr: &A) {
+    pub fn drop_unreachable(&mut self, addr: &A, now_ms: u64) {
         for v in &mut self.vnodes {
             v.succ.retain(|s| &s.addr != addr);
         }
+        self.refused.retain(|(a, until)| a != addr && *until > now_ms);
+        if self.refused.len() == GONE_MAX {
+            self.refused.remove(0);
+        }
+        self.refused.push((addr.clone(), now_ms + REFUSED_TTL_MS));
     }
 
     pub fn is_gone(&self, id: Id, now_ms: u64) -> bool {
@@ -426,10 +438,11 @@ impl<A: Addr> Node<A> {
         let r = self.config.successor_list_len;
         let me = self.contact(vnode_id);
         let gone: Vec<Id> = self.gone.iter().filter(|(_, until)| *until > now_ms).map(|(g, _)| *g).collect();
+        let refused: Vec<A> = self.refused.iter().filter(|(_, until)| *until > now_ms).map(|(a, _)| a.clone()).collect();
         let v = self.vnode_mut(vnode_id)?;
         let mut first = succ.clone();
         if let Some(x) = &info.pred {
-            if x.id.in_open_open(v.id, succ.id) && x.id != v.id && !gone.contains(&x.id) {
+            if x.id.in_open_open(v.id, succ.id) && x.id != v.id && !gone.contains(&x.id) && !refused.contains(&x.addr) {
                 first = x.clone();
             }
         }
@@ -442,7 +455,7 @@ impl<A: Addr> Node<A> {
         }
         // Our own successor list is the successor's list shifted by one: entries that
         // wrapped around past us are dropped by set_successors' distance sort + truncate.
-        list.retain(|c| c.id != me.id && !gone.contains(&c.id));
+        list.retain(|c| c.id != me.id && !gone.contains(&c.id) && !refused.contains(&c.addr));
         v.set_successors(list, r);
         v.succ.first().cloned()
     }
