@@ -152,7 +152,12 @@ impl FileClient {
 
     /// Fetches the file behind `handle` into `out` (a temporary file, then renamed).
     pub async fn get_file(&self, handle: Id, out: &Path, progress: Option<Progress>) -> Result<u64, FileError> {
-        let (size, refs) = self.manifest(handle).await?;
+        let manifest = self.manifest(handle).await?;
+        self.get_manifest(manifest, out, progress).await
+    }
+
+    /// Fetches the file a manifest (from `manifest`) describes into `out`.
+    pub async fn get_manifest(&self, (size, refs): (u64, Vec<StripeRef>), out: &Path, progress: Option<Progress>) -> Result<u64, FileError> {
         let tmp = out.with_extension(format!("part-{}", std::process::id()));
         let io = |e: std::io::Error| FileError::Io(format!("{}: {e}", tmp.display()));
         let mut f = tokio::fs::File::create(&tmp).await.map_err(io)?;

@@ -248,9 +248,9 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Get { handle, output, join } => runtime()?.block_on(async move {
             let h = Id::from_hex(handle.trim()).ok_or_else(|| format!("bad handle {handle:?}: want 40 hex digits"))?;
             let client = FileClient::connect(join_addr(&join)?).await?;
-            let (size, _) = client.manifest(h).await.map_err(|e| e.to_string())?;
-            let (bar, progress) = progress_bar(size, "get");
-            let n = client.get_file(h, &output, progress).await.map_err(|e| e.to_string());
+            let manifest = client.manifest(h).await.map_err(|e| e.to_string())?;
+            let (bar, progress) = progress_bar(manifest.0, "get");
+            let n = client.get_manifest(manifest, &output, progress).await.map_err(|e| e.to_string());
             bar.finish_and_clear();
             eprintln!("wrote {} bytes to {}", n?, output.display());
             Ok(())

@@ -191,7 +191,7 @@ async fn a_lost_peer_is_repaired_after_the_grace_period_then_two_more_losses_are
         let (src, data) = write_file(dir.path(), &format!("in{i}"), len, 10 + i as u64);
         files.push((put(&ring, &src).await, data));
     }
-    ring.wait_status(LONG, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await;
+    ring.wait_clean(LONG).await;
     ring.kill(5);
     ring.wait_status(LONG, "the loss to be seen", |st| st.ring_size == 6 && st.health.degraded_stripes > 0).await;
     let st = ring.wait_status(LONG, "repair to finish", |st| st.ring_size == 6 && st.health.scanned && st.health.degraded_stripes == 0 && st.health.repair_queue == 0).await;
@@ -211,7 +211,7 @@ async fn a_joining_peer_receives_its_share_and_little_else_moves() {
     ring.wait_ring(LONG).await;
     let (src, data) = write_file(dir.path(), "in", 40 * MIB, 20);
     let h = put(&ring, &src).await;
-    let before = ring.wait_status(LONG, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await;
+    let before = ring.wait_clean(LONG).await;
     let stored: u64 = before.peers.iter().map(|p| p.used_bytes).sum();
     let moved_before = before.health.moved_bytes;
     let newcomer = ring.add_peer();
@@ -251,7 +251,7 @@ async fn a_draining_peer_moves_its_shards_before_it_leaves() {
     ring.wait_ring(LONG).await;
     let (src, data) = write_file(dir.path(), "in", 24 * MIB, 30);
     let h = put(&ring, &src).await;
-    ring.wait_status(LONG, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await;
+    ring.wait_clean(LONG).await;
     let leaver = ring.addr(4).to_string();
     let (ok, out, err) = cli(&["leave", "--join", &leaver], LONG).await;
     assert!(ok, "leave failed: {err}");
@@ -281,7 +281,7 @@ async fn sigterm_with_drain_on_exit_moves_shards_before_leaving() {
     ring.wait_ring(LONG).await;
     let (src, data) = write_file(dir.path(), "in", 12 * MIB, 31);
     let h = put(&ring, &src).await;
-    ring.wait_status(LONG, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await;
+    ring.wait_clean(LONG).await;
     assert!(ring.peers[i].as_ref().unwrap().dir.join("image.msd").exists());
     ring.signal(i, libc::SIGTERM);
     assert!(ring.wait_exit(i, Duration::from_secs(60)), "the draining peer exits");

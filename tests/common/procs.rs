@@ -154,6 +154,11 @@ impl ProcRing {
         }
     }
 
+    /// Waits until every peer has scanned and no stripe is degraded (and there are some).
+    pub async fn wait_clean(&self, max: Duration) -> RingStatus {
+        self.wait_status(max, "a clean ring", |st| st.health.scanned && st.health.degraded_stripes == 0 && st.health.stripes_total > 0).await
+    }
+
     /// Waits until every live peer is in the ring and all have scanned since `after_scans`.
     pub async fn wait_ring(&self, max: Duration) -> RingStatus {
         let n = self.alive();
