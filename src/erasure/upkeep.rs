@@ -153,6 +153,9 @@ pub struct Upkeep {
 struct View {
     set: Vec<NetAddr>,
     masks: Vec<u64>,
+    /// Whether each set member answered the probe: one that did not (dead, frozen, slow)
+    /// holds nothing *as far as we know*, and must never be picked as a target for that.
+    known: Vec<bool>,
     spare_masks: Vec<u64>,
 }
 
@@ -243,9 +246,15 @@ impl Upkeep {
 
     /// The view of `s` from a walk: its first k+m peers are the set, the rest spares.
     fn view(&self, s: &LocalStripe, walk: &[NetAddr], held: &HashMap<(NetAddr, Id), u64>) -> View {
-        let mask_of = |p: &NetAddr| if *p == self.me { s.mask } else { held.get(&(p.clone(), s.stripe)).copied().unwrap_or(0) };
+        let mask_of = |p: &NetAddr| if *p == self.me { Some(s.mask) } else { held.get(&(p.clone(), s.stripe)).copied() };
         let total = (s.code.total() as usize).min(walk.len());
-        View { set: walk[..total].to_vec(), masks: walk[..total].iter().map(mask_of).collect(), spare_masks: walk[total..].iter().map(mask_of).collect() }
+        let set: Vec<Option<u64>> = walk[..total].iter().map(mask_of).collect();
+        View {
+            set: walk[..total].to_vec(),
+            masks: set.iter().map(|m| m.unwrap_or(0)).collect(),
+            known: set.iter().map(|m| m.is_some()).collect(),
+            spare_masks: walk[total..].iter().map(|p| mask_of(p).unwrap_or(0)).collect(),
+        }
     }
 
     /// One pass over every local stripe. Returns the report status shows.
@@ -367,7 +376,7 @@ impl Upkeep {
     async fn repair(&mut self, s: &LocalStripe, view: &View) -> bool {
         let union = view.union_with_spares();
         let missing: Vec<u8> = (0..s.code.total()).filter(|i| union & (1 << i) == 0).collect();
-        let targets: Vec<NetAddr> = view.set.iter().zip(&view.masks).filter(|(_, m)| **m == 0).map(|(p, _)| p.clone()).collect();
+        let targets: Vec<NetAddr> = (0..view.set.len()).filter(|&i| view.masks[i] == 0 && view.known[i]).map(|i| view.set[i].clone()).collect();
         let Some(data) = self.fetch_stripe(s, view).await else { return false };
         let Some(shards) = self.reencode(s, data).await else { return false };
         let mut all = true;
@@ -433,7 +442,7 @@ impl Upkeep {
                 }
                 continue;
             }
-            let Some(slot) = masks.iter().position(|m| *m == 0) else {
+            let Some(slot) = (0..masks.len()).find(|&i| masks[i] == 0 && view.known[i]) else {
                 left += 1;
                 continue;
             };
