@@ -31,6 +31,8 @@ const STRAGGLER_WAIT: Duration = Duration::from_millis(200);
 const MAX_DECODE_ATTEMPTS: usize = 64;
 const PLACEMENT_RETRIES: usize = 10;
 const READ_ATTEMPTS: usize = 3;
+/// Looks (PLACEMENT_RETRY_WAIT apart) that must all show a small ring before stripes narrow.
+const NARROW_AFTER_LOOKS: usize = 8;
 const READ_RETRY_WAIT: Duration = Duration::from_millis(400);
 const PLACEMENT_RETRY_WAIT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HEDGE_AFTER: Duration = Duration::from_millis(150);
@@ -125,10 +127,12 @@ impl StripeClient {
         let code = self.code;
         let total = code.total() as usize;
         let mut have = 0;
-        for attempt in 0..2 {
+        // A young ring's successor lists may not show every peer yet: narrow only when the
+        // walk stays short for a few seconds, never on one look.
+        for attempt in 0..NARROW_AFTER_LOOKS {
             if attempt > 0 {
-                // A ring that is still converging can show a short walk once.
                 tokio::time::sleep(PLACEMENT_RETRY_WAIT).await;
+                self.walks.lock().walks.clear();
             }
             let key = Id::from_fraction(rand::random::<f64>());
             have = self.peers_for(key, total).await?.len();
