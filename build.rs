@@ -4,9 +4,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/mutualstore.proto");
+    println!("cargo:rerun-if-changed=proto/fsmeta.proto");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .compile_protos(&["proto/mutualstore.proto"], &["proto"])?;
+    // Filesystem metadata: plain prost messages, no service.
+    tonic_prost_build::configure().build_client(false).build_server(false).compile_protos(&["proto/fsmeta.proto"], &["proto"])?;
     Ok(())
 }

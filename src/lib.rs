@@ -7,4 +7,6 @@ pub mod rpc;
 pub mod identity;
 pub mod peer;
 pub mod files;
+pub mod meta;
+pub mod fs;
 pub mod status;

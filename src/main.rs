@@ -59,6 +59,35 @@ enum Cmd {
         #[arg(long)]
         drain_on_exit: bool,
     },
+    /// Mount the ring as a filesystem at MOUNTPOINT (unmount with fusermount3 -u).
+    Mount {
+        mountpoint: PathBuf,
+        /// Any peer of the ring.
+        #[arg(long)]
+        join: String,
+        /// Stay in the foreground (logs on stderr) instead of detaching once mounted.
+        #[arg(long)]
+        foreground: bool,
+        /// Also contribute storage: run a peer with its disk image in DIR.
+        #[arg(long, requires = "capacity")]
+        data: Option<PathBuf>,
+        /// Capacity of that peer's disk image, e.g. 20GiB.
+        #[arg(long, value_parser = parse_size, requires = "data")]
+        capacity: Option<u64>,
+        /// Address the in-process peer listens on (with --data).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Address other peers reach the in-process peer at (default: --listen).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Seconds before the chunks of deleted or overwritten data are deleted from
+        /// the ring (readers of the old version on other mounts get this long).
+        #[arg(long, default_value_t = 30.0)]
+        reclaim_delay_s: f64,
+        /// Log file of the detached mount process (default: /tmp/mutualstore-mount-<name>.log).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
     /// Ask a peer to move its shards to others, leave the ring and exit.
     Leave {
         /// The peer that leaves.
@@ -205,6 +234,46 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
                 Ok(())
+            })
+        }
+        Cmd::Mount { mountpoint, join, foreground, data, capacity, listen, advertise, reclaim_delay_s, log_file } => {
+            if !(0.0..=86400.0).contains(&reclaim_delay_s) {
+                return Err(format!("--reclaim-delay-s {reclaim_delay_s} outside 0..86400"));
+            }
+            let join_a = join_addr(&join)?;
+            if !foreground {
+                let log = log_file.unwrap_or_else(|| {
+                    let name: String = mountpoint.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                    PathBuf::from(format!("/tmp/mutualstore-mount-{name}.log"))
+                });
+                let mut args: Vec<String> = std::env::args().skip(1).collect();
+                args.push("--foreground".into());
+                return mutualstore::fs::mount::run_detached(&mountpoint, args, &log);
+            }
+            let peer = match (data, capacity) {
+                (Some(data_dir), Some(capacity_bytes)) => {
+                    let cfg = PeerConfig {
+                        advertise: advertise.unwrap_or_else(|| listen.clone()),
+                        listen,
+                        data_dir,
+                        capacity_bytes,
+                        join: Some(join.clone()),
+                        maintenance_interval: Duration::from_secs(1),
+                        fingers_per_round: 4,
+                        code: None,
+                        upkeep: UpkeepConfig::default(),
+                    };
+                    cfg.validate()?;
+                    Some(cfg)
+                }
+                _ => None,
+            };
+            mutualstore::fs::mount::run_foreground(mutualstore::fs::mount::MountConfig {
+                mountpoint,
+                join: join_a,
+                peer,
+                reclaim_delay: Duration::from_secs_f64(reclaim_delay_s),
+                fsid: "default".into(),
             })
         }
         Cmd::Leave { join } => runtime()?.block_on(async move {

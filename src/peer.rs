@@ -176,9 +176,11 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         node.create_ring();
     }
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
+    let store = Arc::new(store);
     let state = Arc::new(PeerState {
         node: Arc::new(Mutex::new(node)),
-        store: Arc::new(store),
+        records: crate::meta::store::RecordStore::new(store.clone(), net.clone(), addr.clone()),
+        store,
         started: Instant::now(),
         code,
         upkeep: Mutex::new(Default::default()),

@@ -6,9 +6,10 @@ use super::convert::*;
 use super::pb;
 use super::pb::peer_client::PeerClient;
 use super::{NetAddr, BLOCK_CALL_TIMEOUT, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RING_CALL_TIMEOUT};
-use super::MAX_HOLDINGS_STRIPES;
+use super::{MAX_HOLDINGS_STRIPES, RECORD_CAS_TIMEOUT};
 use crate::erasure::stripe::{Shard, ShardMeta};
 use crate::erasure::Code;
+use crate::meta::{CasOutcome, Fetched, Record};
 use crate::ring::driver::Transport;
 use crate::ring::{Id, NetError, RingRequest, RingResponse};
 use parking_lot::Mutex;
@@ -224,6 +225,78 @@ impl GrpcNet {
         let req = Self::request(pb::DeleteShardRequest { stripe: stripe.to_bytes().to_vec(), index: index as u32 }, RING_CALL_TIMEOUT);
         with_deadline(RING_CALL_TIMEOUT, c.delete_shard(req)).await.map_err(|s| net_error(addr, s))?;
         Ok(())
+    }
+
+    /// A record replica's copy of `key`; `known` is the version the caller has (0: none).
+    pub async fn get_record(&self, addr: &NetAddr, key: Id, known: u64) -> Result<Fetched, NetError> {
+        let r = async {
+            let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
+            let req = Self::request(pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: known }, RING_CALL_TIMEOUT);
+            let r = with_deadline(RING_CALL_TIMEOUT, c.get_record(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+            if r.unchanged {
+                if r.version != known || known == 0 {
+                    return Err(NetError::Protocol(format!("{addr} said unchanged for version {} when asked about {known}", r.version)));
+                }
+                return Ok(Fetched::Unchanged(known));
+            }
+            if !r.found {
+                return Ok(Fetched::Got(Record::default()));
+            }
+            if r.version == 0 {
+                return Err(NetError::Protocol(format!("{addr} sent a record with version 0")));
+            }
+            Ok(Fetched::Got(Record { version: r.version, deleted: r.deleted, data: r.data }))
+        }
+        .await;
+        self.observe(addr, &r);
+        r
+    }
+
+    /// Stores a replica of a record unless `addr` has that version or newer; returns the
+    /// version `addr` holds afterwards.
+    pub async fn put_record(&self, addr: &NetAddr, key: Id, rec: &Record) -> Result<u64, NetError> {
+        let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
+        let req = Self::request(
+            pb::PutRecordRequest { key: key.to_bytes().to_vec(), version: rec.version, deleted: rec.deleted, data: rec.data.clone() },
+            RING_CALL_TIMEOUT,
+        );
+        let r = with_deadline(RING_CALL_TIMEOUT, c.put_record(req)).await.map_err(|s| net_error(addr, s))?;
+        Ok(r.into_inner().version)
+    }
+
+    /// Compare-and-swap at the record's primary `addr`, which replicates to `replicas`.
+    pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr]) -> Result<CasOutcome, NetError> {
+        let r = async {
+            let mut c = self.client(addr, RECORD_CAS_TIMEOUT)?;
+            let msg = pb::CasRecordRequest {
+                key: key.to_bytes().to_vec(),
+                expected,
+                deleted,
+                data,
+                replicas: replicas.iter().map(|a| a.to_string()).collect(),
+            };
+            let r = with_deadline(RECORD_CAS_TIMEOUT, c.cas_record(Self::request(msg, RECORD_CAS_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
+            if r.ok {
+                if r.version != expected + 1 {
+                    return Err(NetError::Protocol(format!("{addr} wrote version {} for expected {expected}", r.version)));
+                }
+                return Ok(CasOutcome::Done(r.version));
+            }
+            if !r.failed_replicas.is_empty() {
+                if r.version != expected + 1 {
+                    return Err(NetError::Protocol(format!("{addr} partly wrote version {} for expected {expected}", r.version)));
+                }
+                let failed = r.failed_replicas.iter().map(|a| NetAddr::from(a.as_str())).collect();
+                return Ok(CasOutcome::Partial { version: r.version, failed });
+            }
+            if r.version == expected {
+                return Err(NetError::Protocol(format!("{addr} refused a CAS at the version it holds")));
+            }
+            Ok(CasOutcome::Conflict(if r.found { Record { version: r.version, deleted: r.deleted, data: r.data } } else { Record::default() }))
+        }
+        .await;
+        self.observe(addr, &r);
+        r
     }
 
     /// Asks the peer at `addr` to move its shards away, leave the ring and exit.

@@ -15,13 +15,18 @@ use std::time::Duration;
 
 /// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
 /// that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest gRPC message either side accepts: one block plus headers.
 pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
 /// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).
 pub const RING_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a block transfer.
 pub const BLOCK_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Deadline of a record compare-and-swap: the primary's own calls to the replicas
+/// (RING_CALL_TIMEOUT each, in parallel) fit inside it twice.
+pub const RECORD_CAS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most replicas a CAS request may name.
+pub const MAX_RECORD_REPLICAS: usize = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most stripes one Holdings request may ask about.
 pub const MAX_HOLDINGS_STRIPES: usize = 4096;

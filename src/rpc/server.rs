@@ -5,11 +5,13 @@ use super::convert::*;
 use super::pb;
 use super::pb::peer_server::{Peer, PeerServer};
 use super::{NetAddr, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
-use super::MAX_HOLDINGS_STRIPES;
+use super::{MAX_HOLDINGS_STRIPES, MAX_RECORD_REPLICAS};
 use crate::blockstore::{DiskImage, StoreError, MAX_DATA_BYTES, MAX_META_BYTES};
 use crate::erasure::stripe::{shard_block_key, shard_key_range, ShardMeta};
 use crate::erasure::upkeep::{DrainReport, UpkeepReport};
 use crate::erasure::Code;
+use crate::meta::store::RecordError;
+use crate::meta::{CasOutcome, Fetched, Record};
 use crate::ring::Id;
 use std::sync::atomic::{AtomicBool, Ordering};
 use crate::ring::{Node, RingRequest, RingResponse};
@@ -28,6 +30,8 @@ pub struct PeerState {
     pub upkeep: Mutex<UpkeepReport>,
     /// Set once a drain starts: new shards are refused so that nothing lands behind it.
     pub draining: AtomicBool,
+    /// Metadata records held here (and the primary's CAS).
+    pub records: crate::meta::store::RecordStore,
     /// Where a Drain request is handed to the peer's lifecycle task.
     pub drain_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<DrainReport>>,
 }
@@ -35,6 +39,14 @@ pub struct PeerState {
 impl PeerState {
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+}
+
+pub fn record_status(e: RecordError) -> Status {
+    match e {
+        RecordError::Store(e) => store_status(e),
+        RecordError::NotARecord(_) => Status::failed_precondition(e.to_string()),
+        RecordError::Task(_) => Status::internal(e.to_string()),
     }
 }
 
@@ -73,6 +85,19 @@ impl PeerService {
             .map_err(|e| Status::internal(format!("disk task failed: {e}")))?
             .map_err(store_status)
     }
+}
+
+fn check_record(version: u64, deleted: bool, data: &[u8]) -> Result<(), Status> {
+    if version == 0 {
+        return Err(Status::invalid_argument("record version 0 means absent and cannot be written"));
+    }
+    if deleted && !data.is_empty() {
+        return Err(Status::invalid_argument("a deleted record carries no data"));
+    }
+    if data.len() > MAX_DATA_BYTES {
+        return Err(Status::invalid_argument(format!("record of {} bytes, at most {MAX_DATA_BYTES}", data.len())));
+    }
+    Ok(())
 }
 
 fn unexpected() -> Status {
@@ -292,6 +317,41 @@ impl Peer for PeerService {
         let key = shard_block_key(stripe, index);
         self.blocking(move |s| s.delete(&key)).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_record(&self, req: Request<pb::GetRecordRequest>) -> Result<Response<pb::GetRecordResponse>, Status> {
+        let r = req.into_inner();
+        let key = id_from(&r.key, "key")?;
+        let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
+        Ok(Response::new(match f {
+            Fetched::Unchanged(v) => pb::GetRecordResponse { found: true, version: v, unchanged: true, ..Default::default() },
+            Fetched::Got(rec) => pb::GetRecordResponse { found: rec.version > 0, version: rec.version, deleted: rec.deleted, data: rec.data, unchanged: false },
+        }))
+    }
+
+    async fn put_record(&self, req: Request<pb::PutRecordRequest>) -> Result<Response<pb::PutRecordResponse>, Status> {
+        let r = req.into_inner();
+        let key = id_from(&r.key, "key")?;
+        check_record(r.version, r.deleted, &r.data)?;
+        let v = self.state.records.put(key, Record { version: r.version, deleted: r.deleted, data: r.data }).await.map_err(record_status)?;
+        Ok(Response::new(pb::PutRecordResponse { version: v }))
+    }
+
+    async fn cas_record(&self, req: Request<pb::CasRecordRequest>) -> Result<Response<pb::CasRecordResponse>, Status> {
+        let r = req.into_inner();
+        let key = id_from(&r.key, "key")?;
+        let next = r.expected.checked_add(1).ok_or_else(|| Status::invalid_argument("expected version is at its maximum"))?;
+        check_record(next, r.deleted, &r.data)?;
+        if r.replicas.len() > MAX_RECORD_REPLICAS {
+            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
+        }
+        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas).await.map_err(record_status)?;
+        Ok(Response::new(match out {
+            CasOutcome::Done(v) => pb::CasRecordResponse { ok: true, version: v, ..Default::default() },
+            CasOutcome::Conflict(rec) => pb::CasRecordResponse { ok: false, version: rec.version, found: rec.version > 0, deleted: rec.deleted, data: rec.data, failed_replicas: vec![] },
+            CasOutcome::Partial { version, failed } => pb::CasRecordResponse { ok: false, version, failed_replicas: failed.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+        }))
     }
 
     async fn drain(&self, _req: Request<pb::Empty>) -> Result<Response<pb::DrainResponse>, Status> {

@@ -1,0 +1,196 @@
+//! File content on the ring: a file is cut into chunks, each stored as one
+//! erasure-coded stripe. A chunk's stripe holds a 16-byte header (magic and 12 random
+//! bytes) before the chunk's bytes, so two writes of equal bytes are different stripes:
+//! each stripe has exactly one inode referring to it and can be reclaimed when that
+//! reference goes.
+
+use super::error::{FsError, FsResult};
+use crate::erasure::client::StripeClient;
+use crate::erasure::stripe::MAX_SHARD_BYTES;
+use crate::ring::Id;
+use parking_lot::Mutex;
+use rand::RngCore;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MAGIC: &[u8; 4] = b"MSC1";
+pub const HEADER: usize = 16;
+
+/// Bytes of file per chunk for a code with `k` data shards: a stripe's worth, less room
+/// for the header (and, later, an authentication tag).
+pub fn chunk_bytes_for(k: u8) -> usize {
+    k as usize * MAX_SHARD_BYTES - 64
+}
+
+pub fn seal(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + data.len());
+    out.extend_from_slice(MAGIC);
+    let mut nonce = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(data);
+    out
+}
+
+pub fn unseal(mut stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
+    if stripe.len() != HEADER + len || &stripe[..4] != MAGIC {
+        return Err(FsError::Io(format!("chunk stripe of {} bytes is not a {len}-byte chunk", stripe.len())));
+    }
+    stripe.drain(..HEADER);
+    Ok(stripe)
+}
+
+pub type ChunkData = Arc<Vec<u8>>;
+type Slot = Arc<tokio::sync::OnceCell<ChunkData>>;
+
+/// Recently read chunks by stripe key (a key's content never changes), shared by all
+/// open files; bounded in count.
+pub struct ChunkCache {
+    slots: Mutex<(HashMap<Id, Slot>, VecDeque<Id>)>,
+    cap: usize,
+}
+
+impl ChunkCache {
+    pub fn new(cap: usize) -> ChunkCache {
+        ChunkCache { slots: Mutex::new((HashMap::new(), VecDeque::new())), cap }
+    }
+
+    fn slot(&self, key: Id) -> Slot {
+        let mut g = self.slots.lock();
+        let (map, order) = &mut *g;
+        if let Some(s) = map.get(&key) {
+            return s.clone();
+        }
+        let s: Slot = Arc::new(tokio::sync::OnceCell::new());
+        map.insert(key, s.clone());
+        order.push_back(key);
+        while order.len() > self.cap {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+        s
+    }
+
+    pub fn insert(&self, key: Id, data: ChunkData) {
+        let _ = self.slot(key).set(data);
+    }
+
+    /// The chunk's bytes, read from the ring once however many ask at the same time.
+    pub async fn get(&self, client: &StripeClient, key: Id, len: usize) -> FsResult<ChunkData> {
+        let slot = self.slot(key);
+        let r = slot
+            .get_or_try_init(|| async {
+                let stripe = client.read_stripe(key, Some(HEADER + len)).await?;
+                Ok::<_, FsError>(Arc::new(unseal(stripe, len)?))
+            })
+            .await
+            .cloned();
+        if r.is_err() {
+            // Do not keep a failed slot around: the next read tries again.
+            let mut g = self.slots.lock();
+            g.0.remove(&key);
+        }
+        r
+    }
+}
+
+/// Deletes stripes that nothing refers to any more, after a delay so that a reader
+/// holding an older version of the file can finish.
+#[derive(Clone)]
+pub struct Reclaimer {
+    tx: tokio::sync::mpsc::UnboundedSender<(Instant, Vec<Id>)>,
+    pub pending: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Reclaimer {
+    /// Starts the background deleter; it runs until `shutdown` fires, then deletes what
+    /// is still queued at once.
+    pub fn start(client: StripeClient, delay: Duration, shutdown: tokio::sync::watch::Receiver<bool>) -> (Reclaimer, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<Id>)>();
+        let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let p2 = pending.clone();
+        let task = tokio::spawn(async move {
+            let mut shutdown = shutdown;
+            loop {
+                let item = tokio::select! {
+                    i = rx.recv() => i,
+                    _ = shutdown.changed() => None,
+                };
+                let Some((due, keys)) = item else { break };
+                let wait = (due + delay).saturating_duration_since(Instant::now());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                for k in keys {
+                    delete_stripe(&client, k).await;
+                    p2.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            // Shutting down: what is queued goes now.
+            rx.close();
+            while let Ok((_, keys)) = rx.try_recv() {
+                for k in keys {
+                    delete_stripe(&client, k).await;
+                    p2.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        (Reclaimer { tx, pending }, task)
+    }
+
+    pub fn reclaim(&self, keys: Vec<Id>) {
+        let keys: Vec<Id> = keys.into_iter().filter(|k| *k != Id::ZERO).collect();
+        if keys.is_empty() {
+            return;
+        }
+        self.pending.fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // Queued with the time it was asked for; the task adds the delay.
+        let _ = self.tx.send((Instant::now(), keys));
+    }
+}
+
+/// Removes every shard of `stripe` from the peers that hold it. Best effort: a peer
+/// that is down keeps its shard, which upkeep reports as unreadable garbage.
+pub async fn delete_stripe(client: &StripeClient, stripe: Id) {
+    let n = client.code.total() as usize + 2;
+    let Ok(peers) = client.peers_for(stripe, n).await else { return };
+    for p in peers {
+        if let Ok(masks) = client.net.holdings(&p, &[stripe]).await {
+            let mask = masks.first().copied().unwrap_or(0);
+            for i in 0..64u8 {
+                if mask & (1u64 << i) != 0 {
+                    let _ = client.net.delete_shard(&p, stripe, i).await;
+                }
+            }
+        }
+    }
+}
+
+pub fn stripe_id(c: &super::inode::Chunk) -> Option<Id> {
+    if c.stripe.is_empty() {
+        None
+    } else {
+        Id::from_slice(&c.stripe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_unseal_roundtrip_and_checks() {
+        let d = b"some bytes".to_vec();
+        let s = seal(&d);
+        assert_ne!(seal(&d), s, "equal content seals differently");
+        assert_eq!(unseal(s.clone(), d.len()).unwrap(), d);
+        assert!(unseal(s.clone(), d.len() + 1).is_err());
+        let mut bad = s;
+        bad[0] ^= 1;
+        assert!(unseal(bad, d.len()).is_err());
+        assert!(chunk_bytes_for(4) + 64 == 4 * MAX_SHARD_BYTES);
+    }
+}

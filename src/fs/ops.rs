@@ -1,0 +1,854 @@
+//! The filesystem's operations, async and free of FUSE types: what `fuse` calls, and
+//! what tests can call directly. Inodes live in ring records (see `meta`); every change
+//! to one is a compare-and-swap on its record, retried on conflict, so concurrent
+//! mounts never lose each other's directory entries.
+
+use super::chunk::{self, ChunkCache, Reclaimer};
+use super::error::{FsError, FsResult};
+use super::file::{AttrChanges, DataCtx, FileState, OpenFile};
+use super::inode::{self, check_name, new_inode, DirEntry, Inode, InodeExt, Kind, ROOT_INO};
+use crate::meta::client::{RecordClient, Swap};
+use crate::ring::Id;
+use parking_lot::Mutex;
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long this mount trusts a cached inode for lookups and stat. Opens always
+/// re-read (close-to-open), and a failed lookup re-reads before it says ENOENT.
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
+/// CAS retries under contention before giving up with EIO.
+const MAX_SWAPS: usize = 64;
+
+#[derive(Clone)]
+struct Cached {
+    version: u64,
+    inode: Arc<Inode>,
+    at: Instant,
+}
+
+pub enum Handle {
+    File(Arc<OpenFile>),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+/// Capacity figures for statfs, in bytes of file data (parity already taken off).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Space {
+    pub total: u64,
+    pub free: u64,
+}
+
+pub struct Fs {
+    pub records: RecordClient,
+    pub data: DataCtx,
+    fsid: String,
+    inodes: Mutex<HashMap<u64, Cached>>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    reclaimer: Reclaimer,
+    /// Per inode, the version whose content the kernel's page cache holds.
+    kernel_versions: Mutex<HashMap<u64, u64>>,
+    space: Mutex<Option<(Instant, Space)>>,
+}
+
+impl Fs {
+    pub fn new(records: RecordClient, data: DataCtx, fsid: String, reclaimer: Reclaimer) -> Fs {
+        Fs {
+            records,
+            data,
+            fsid,
+            inodes: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            reclaimer,
+            kernel_versions: Mutex::new(HashMap::new()),
+            space: Mutex::new(None),
+        }
+    }
+
+    pub fn chunk_cache(chunks: usize) -> Arc<ChunkCache> {
+        Arc::new(ChunkCache::new(chunks))
+    }
+
+    fn key(&self, ino: u64) -> Id {
+        inode::record_key(&self.fsid, ino)
+    }
+
+    /// Creates the root directory if this filesystem has none yet.
+    pub async fn init_root(&self) -> FsResult<()> {
+        let rec = self.records.get(self.key(ROOT_INO)).await?;
+        if rec.version > 0 {
+            return Ok(());
+        }
+        let mut root = new_inode(Kind::Dir, 0o755, 0, 0);
+        root.parent = ROOT_INO;
+        match self.records.cas(self.key(ROOT_INO), 0, Some(inode::encode(&root))).await? {
+            Swap::Done(_) | Swap::Conflict(_) => Ok(()),
+        }
+    }
+
+    fn remember(&self, ino: u64, version: u64, inode: Arc<Inode>) {
+        let mut m = self.inodes.lock();
+        match m.get(&ino) {
+            Some(c) if c.version > version => {}
+            _ => {
+                m.insert(ino, Cached { version, inode, at: Instant::now() });
+            }
+        }
+    }
+
+    fn forget(&self, ino: u64) {
+        self.inodes.lock().remove(&ino);
+    }
+
+    /// The inode, from the cache if it is younger than `max_age`.
+    async fn load(&self, ino: u64, max_age: Duration) -> FsResult<(u64, Arc<Inode>)> {
+        let cached = self.inodes.lock().get(&ino).cloned();
+        if let Some(c) = &cached {
+            if c.at.elapsed() <= max_age {
+                return Ok((c.version, c.inode.clone()));
+            }
+        }
+        let known = cached.as_ref().map(|c| c.version).unwrap_or(0);
+        match self.records.get_newer(self.key(ino), known).await? {
+            None => match cached {
+                Some(c) => {
+                    self.remember(ino, c.version, c.inode.clone());
+                    Ok((c.version, c.inode))
+                }
+                None => Err(FsError::NotFound),
+            },
+            Some(rec) if !rec.exists() => {
+                self.forget(ino);
+                Err(FsError::NotFound)
+            }
+            Some(rec) => {
+                let i = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
+                self.remember(ino, rec.version, i.clone());
+                Ok((rec.version, i))
+            }
+        }
+    }
+
+    /// Applies `f` to the inode and writes it back, re-reading and re-applying on
+    /// conflict. `f` returns false when there is nothing to write.
+    async fn modify<F>(&self, ino: u64, mut f: F) -> FsResult<Arc<Inode>>
+    where
+        F: FnMut(&mut Inode) -> FsResult<bool>,
+    {
+        let (mut version, mut cur) = self.load(ino, ATTR_TTL).await?;
+        for _ in 0..MAX_SWAPS {
+            let mut new = (*cur).clone();
+            if !f(&mut new)? {
+                return Ok(cur);
+            }
+            match self.records.cas(self.key(ino), version, Some(inode::encode(&new))).await? {
+                Swap::Done(v) => {
+                    let new = Arc::new(new);
+                    self.remember(ino, v, new.clone());
+                    return Ok(new);
+                }
+                Swap::Conflict(rec) => {
+                    if !rec.exists() {
+                        self.forget(ino);
+                        return Err(FsError::NotFound);
+                    }
+                    version = rec.version;
+                    cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
+                    self.remember(ino, version, cur.clone());
+                }
+            }
+        }
+        Err(FsError::Io(format!("inode {ino}: gave up after {MAX_SWAPS} conflicting updates")))
+    }
+
+    /// Deletes the inode's record if it is still at `version` (or whatever it is now,
+    /// if `check` accepts it), and reclaims its chunks.
+    async fn destroy(&self, ino: u64) -> FsResult<()> {
+        let (mut version, mut cur) = self.load(ino, Duration::ZERO).await?;
+        for _ in 0..MAX_SWAPS {
+            match self.records.cas(self.key(ino), version, None).await? {
+                Swap::Done(_) => {
+                    self.forget(ino);
+                    self.reclaimer.reclaim(cur.chunks.iter().filter_map(chunk::stripe_id).collect());
+                    return Ok(());
+                }
+                Swap::Conflict(rec) => {
+                    if !rec.exists() {
+                        self.forget(ino);
+                        return Ok(());
+                    }
+                    version = rec.version;
+                    cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
+                }
+            }
+        }
+        Err(FsError::Io(format!("inode {ino}: could not delete it")))
+    }
+
+    /// The inode as this mount sees it, unpublished writes included.
+    pub async fn getattr(&self, ino: u64) -> FsResult<Arc<Inode>> {
+        let open = self.files.lock().get(&ino).cloned();
+        if let Some(f) = open {
+            let st = f.st.lock().await;
+            return Ok(Arc::new(st.inode.clone()));
+        }
+        Ok(self.load(ino, ATTR_TTL).await?.1)
+    }
+
+    async fn dir(&self, ino: u64, max_age: Duration) -> FsResult<(u64, Arc<Inode>)> {
+        let (v, d) = self.load(ino, max_age).await?;
+        if !d.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        Ok((v, d))
+    }
+
+    /// The entry `name` in directory `parent`, re-reading the directory before saying
+    /// it is not there.
+    async fn entry(&self, parent: u64, name: &[u8]) -> FsResult<DirEntry> {
+        if name.len() > inode::MAX_NAME {
+            return Err(FsError::NameTooLong);
+        }
+        let (_, d) = self.dir(parent, ATTR_TTL).await?;
+        if let Some(e) = d.find(name) {
+            return Ok(e.clone());
+        }
+        let (_, d) = self.dir(parent, Duration::ZERO).await?;
+        d.find(name).cloned().ok_or(FsError::NotFound)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<(u64, Arc<Inode>)> {
+        let e = self.entry(parent, name).await?;
+        match self.getattr(e.ino).await {
+            Ok(i) => Ok((e.ino, i)),
+            Err(FsError::NotFound) => {
+                // An entry whose inode is gone (a crash between the two steps of an
+                // rmdir): drop it so it does not linger.
+                let (ino, nm) = (e.ino, name.to_vec());
+                let _ = self
+                    .modify(parent, |d| {
+                        if d.find(&nm).is_some_and(|x| x.ino == ino) {
+                            d.remove(&nm);
+                            return Ok(true);
+                        }
+                        Ok(false)
+                    })
+                    .await;
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn new_ino() -> u64 {
+        loop {
+            let i: u64 = rand::thread_rng().gen();
+            if i > ROOT_INO && i < u64::MAX {
+                return i;
+            }
+        }
+    }
+
+    /// Writes a new inode record under a fresh number, then links it into `parent`.
+    async fn make(&self, parent: u64, name: &[u8], mut node: Inode) -> FsResult<(u64, Arc<Inode>)> {
+        check_name(name)?;
+        let kind = node.kind;
+        let mut ino = Self::new_ino();
+        if node.is_dir() {
+            node.parent = parent;
+        }
+        loop {
+            match self.records.cas(self.key(ino), 0, Some(inode::encode(&node))).await? {
+                Swap::Done(v) => {
+                    self.remember(ino, v, Arc::new(node.clone()));
+                    break;
+                }
+                Swap::Conflict(_) => ino = Self::new_ino(),
+            }
+        }
+        let nm = name.to_vec();
+        let linked = self
+            .modify(parent, |d| {
+                if !d.is_dir() {
+                    return Err(FsError::NotDir);
+                }
+                if d.find(&nm).is_some() {
+                    return Err(FsError::Exists);
+                }
+                d.insert(DirEntry { name: nm.clone(), ino, kind });
+                d.touch(true);
+                Ok(true)
+            })
+            .await;
+        if let Err(e) = linked {
+            let _ = self.destroy(ino).await;
+            return Err(e);
+        }
+        Ok((ino, Arc::new(node)))
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<(u64, Arc<Inode>)> {
+        self.make(parent, name, new_inode(Kind::Dir, mode, uid, gid)).await
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], uid: u32, gid: u32) -> FsResult<(u64, Arc<Inode>)> {
+        if target.is_empty() || target.len() > 4096 {
+            return Err(FsError::Invalid("symlink target must be 1..4096 bytes".into()));
+        }
+        let mut n = new_inode(Kind::Symlink, 0o777, uid, gid);
+        n.symlink = target.to_vec();
+        n.size = target.len() as u64;
+        self.make(parent, name, n).await
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (_, i) = self.load(ino, ATTR_TTL).await?;
+        if i.kind() != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink".into()));
+        }
+        Ok(i.symlink.clone())
+    }
+
+    /// create(2): a new empty file, opened. Without `exclusive`, an existing file of
+    /// that name is opened instead.
+    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32, exclusive: bool) -> FsResult<(u64, Arc<Inode>, u64)> {
+        match self.make(parent, name, new_inode(Kind::File, mode, uid, gid)).await {
+            Ok((ino, i)) => {
+                let fh = self.open_loaded(ino, 1, (*i).clone()).await;
+                Ok((ino, i, fh))
+            }
+            Err(FsError::Exists) if !exclusive => {
+                let e = self.entry(parent, name).await?;
+                let (fh, _) = self.open(e.ino).await?;
+                Ok((e.ino, self.getattr(e.ino).await?, fh))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn open_loaded(&self, ino: u64, version: u64, inode: Inode) -> u64 {
+        let f = {
+            let mut files = self.files.lock();
+            files.entry(ino).or_insert_with(|| Arc::new(OpenFile { ino, st: tokio::sync::Mutex::new(FileState::new(version, inode.clone(), self.data.chunk_bytes)) })).clone()
+        };
+        {
+            let mut st = f.st.lock().await;
+            st.refresh(version, inode);
+            st.handles += 1;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle::File(f));
+        self.kernel_versions.lock().insert(ino, version);
+        fh
+    }
+
+    /// open(2) on a file: always reads the newest inode (close-to-open). Returns the
+    /// handle and whether the kernel's cached pages are still this version's.
+    pub async fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
+        let (v, i) = self.load(ino, Duration::ZERO).await?;
+        match i.kind() {
+            Kind::Dir => return Err(FsError::IsDir),
+            Kind::Symlink => return Err(FsError::Invalid("cannot open a symlink".into())),
+            Kind::File => {}
+        }
+        let keep = self.kernel_versions.lock().get(&ino) == Some(&v);
+        let fh = self.open_loaded(ino, v, (*i).clone()).await;
+        Ok((fh, keep))
+    }
+
+    fn file(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        match self.handles.lock().get(&fh) {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            Some(Handle::Dir(_)) => Err(FsError::IsDir),
+            None => Err(FsError::Invalid(format!("no open file handle {fh}"))),
+        }
+    }
+
+    pub async fn read(&self, fh: u64, off: u64, len: usize) -> FsResult<Vec<u8>> {
+        self.file(fh)?.read(&self.data, off, len).await
+    }
+
+    pub async fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
+        let f = self.file(fh)?;
+        let mut st = f.st.lock().await;
+        st.write(&self.data, off, data).await?;
+        Ok(data.len())
+    }
+
+    /// Publishes what was written through any handle of the file.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let f = self.file(fh)?;
+        let mut st = f.st.lock().await;
+        self.publish(f.ino, &mut st).await
+    }
+
+    async fn publish(&self, ino: u64, st: &mut FileState) -> FsResult<()> {
+        st.settle(&self.data).await?;
+        if !st.changed() {
+            return Ok(());
+        }
+        let mut expected = st.version;
+        for _ in 0..MAX_SWAPS {
+            match self.records.cas(self.key(ino), expected, Some(inode::encode(&st.inode))).await? {
+                Swap::Done(v) => {
+                    st.version = v;
+                    st.content_changed = false;
+                    st.attrs_changed = false;
+                    st.attrs = AttrChanges::default();
+                    self.remember(ino, v, Arc::new(st.inode.clone()));
+                    self.kernel_versions.lock().insert(ino, v);
+                    self.reclaimer.reclaim(std::mem::take(&mut st.garbage));
+                    return Ok(());
+                }
+                Swap::Conflict(rec) => {
+                    if !rec.exists() {
+                        // Deleted by another mount while open here: what we wrote has
+                        // no name left to be found by.
+                        let mut mine: Vec<Id> = st.inode.chunks.iter().filter_map(chunk::stripe_id).collect();
+                        mine.append(&mut st.garbage);
+                        self.reclaimer.reclaim(mine);
+                        st.content_changed = false;
+                        st.attrs_changed = false;
+                        self.forget(ino);
+                        return Ok(());
+                    }
+                    let theirs = inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?;
+                    let mut merged = theirs.clone();
+                    if st.content_changed {
+                        // Whole-file last writer wins: our content replaces theirs, so
+                        // no reader ever sees chunks of two writes mixed.
+                        merged.size = st.inode.size;
+                        merged.chunks = st.inode.chunks.clone();
+                        merged.inline_data = st.inode.inline_data.clone();
+                        merged.chunk_bytes = st.inode.chunk_bytes;
+                        merged.mtime_ns = st.inode.mtime_ns;
+                        merged.ctime_ns = merged.ctime_ns.max(st.inode.ctime_ns);
+                        let ours: std::collections::HashSet<Id> = merged.chunks.iter().filter_map(chunk::stripe_id).collect();
+                        st.garbage.extend(theirs.chunks.iter().filter_map(chunk::stripe_id).filter(|k| !ours.contains(k)));
+                    }
+                    if st.attrs_changed {
+                        st.attrs.apply(&mut merged);
+                    }
+                    st.inode = merged;
+                    expected = rec.version;
+                }
+            }
+        }
+        Err(FsError::Io(format!("inode {ino}: gave up publishing after {MAX_SWAPS} conflicts")))
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let h = self.handles.lock().remove(&fh);
+        let Some(Handle::File(f)) = h else { return Ok(()) };
+        let mut st = f.st.lock().await;
+        let r = self.publish(f.ino, &mut st).await;
+        st.handles = st.handles.saturating_sub(1);
+        if st.handles == 0 {
+            self.files.lock().remove(&f.ino);
+            if st.unlinked {
+                let _ = self.destroy(f.ino).await;
+            }
+        }
+        r
+    }
+
+    pub async fn setattr(&self, ino: u64, size: Option<u64>, changes: AttrChanges) -> FsResult<Arc<Inode>> {
+        let open = self.files.lock().get(&ino).cloned();
+        if let Some(f) = open {
+            let mut st = f.st.lock().await;
+            if let Some(s) = size {
+                if st.inode.is_dir() {
+                    return Err(FsError::IsDir);
+                }
+                st.truncate(&self.data, s).await?;
+            }
+            changes.apply(&mut st.inode);
+            st.attrs.merge(&changes);
+            st.attrs_changed = true;
+            st.inode.ctime_ns = inode::now_ns();
+            self.publish(ino, &mut st).await?;
+            return Ok(Arc::new(st.inode.clone()));
+        }
+        if let Some(s) = size {
+            // Not open here: open it just for the truncate.
+            let (v, i) = self.load(ino, Duration::ZERO).await?;
+            if i.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            let mut st = FileState::new(v, (*i).clone(), self.data.chunk_bytes);
+            st.truncate(&self.data, s).await?;
+            changes.apply(&mut st.inode);
+            st.attrs = changes;
+            st.attrs_changed = true;
+            self.publish(ino, &mut st).await?;
+            return Ok(Arc::new(st.inode.clone()));
+        }
+        self.modify(ino, |i| {
+            changes.apply(i);
+            i.ctime_ns = inode::now_ns();
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Removes one name of `ino`; the inode goes when its last name and handle do.
+    async fn drop_link(&self, ino: u64) -> FsResult<()> {
+        let after = match self
+            .modify(ino, |i| {
+                i.nlink = i.nlink.saturating_sub(1);
+                i.touch(false);
+                Ok(true)
+            })
+            .await
+        {
+            Ok(a) => a,
+            Err(FsError::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if after.nlink > 0 {
+            return Ok(());
+        }
+        let open = self.files.lock().get(&ino).cloned();
+        if let Some(f) = open {
+            let mut st = f.st.lock().await;
+            st.unlinked = true;
+            st.inode.nlink = 0;
+            return Ok(());
+        }
+        self.destroy(ino).await
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let mut removed = None;
+        self.modify(parent, |d| {
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            let e = d.find(name).ok_or(FsError::NotFound)?;
+            if e.kind == Kind::Dir as u32 {
+                return Err(FsError::IsDir);
+            }
+            removed = d.remove(name);
+            d.touch(true);
+            Ok(true)
+        })
+        .await?;
+        match removed {
+            Some(e) => self.drop_link(e.ino).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes an empty directory's record, refusing if it has entries.
+    async fn destroy_empty_dir(&self, ino: u64) -> FsResult<()> {
+        for _ in 0..MAX_SWAPS {
+            let (v, d) = self.load(ino, Duration::ZERO).await?;
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if !d.entries.is_empty() {
+                return Err(FsError::NotEmpty);
+            }
+            if let Swap::Done(_) = self.records.cas(self.key(ino), v, None).await? {
+                self.forget(ino);
+                return Ok(());
+            }
+        }
+        Err(FsError::Io(format!("directory {ino}: could not delete it")))
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let e = self.entry(parent, name).await?;
+        if e.kind != Kind::Dir as u32 {
+            return Err(FsError::NotDir);
+        }
+        // The directory goes first, so that a create racing into it from another mount
+        // fails rather than landing in a directory nobody can reach.
+        match self.destroy_empty_dir(e.ino).await {
+            Ok(()) | Err(FsError::NotFound) => {}
+            Err(x) => return Err(x),
+        }
+        let nm = name.to_vec();
+        self.modify(parent, |d| {
+            if d.find(&nm).is_some_and(|x| x.ino == e.ino) {
+                d.remove(&nm);
+                d.touch(true);
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], noreplace: bool) -> FsResult<()> {
+        check_name(newname)?;
+        let src = self.entry(parent, name).await?;
+        // A directory being replaced must be empty; check (and delete) it first.
+        let target = match self.entry(newparent, newname).await {
+            Ok(t) => Some(t),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(t) = &target {
+            if t.ino == src.ino {
+                return Ok(());
+            }
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            let (sd, td) = (src.kind == Kind::Dir as u32, t.kind == Kind::Dir as u32);
+            if sd && !td {
+                return Err(FsError::NotDir);
+            }
+            if !sd && td {
+                return Err(FsError::IsDir);
+            }
+            if td {
+                let (_, d) = self.load(t.ino, Duration::ZERO).await?;
+                if !d.entries.is_empty() {
+                    return Err(FsError::NotEmpty);
+                }
+            }
+        }
+        let moved = DirEntry { name: newname.to_vec(), ino: src.ino, kind: src.kind };
+        let mut replaced: Option<DirEntry> = None;
+        let check_target = |d: &Inode, replaced: &Option<DirEntry>| -> FsResult<()> {
+            if let Some(t) = d.find(newname) {
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                if replaced.is_none() && target.as_ref().map(|x| x.ino) != Some(t.ino) {
+                    // Someone put another file there since we looked.
+                    if (t.kind == Kind::Dir as u32) != (src.kind == Kind::Dir as u32) || t.kind == Kind::Dir as u32 {
+                        return Err(FsError::Exists);
+                    }
+                }
+            }
+            Ok(())
+        };
+        if parent == newparent {
+            self.modify(parent, |d| {
+                let cur = d.find(name).ok_or(FsError::NotFound)?;
+                if cur.ino != src.ino {
+                    return Err(FsError::NotFound);
+                }
+                check_target(d, &None)?;
+                d.remove(name);
+                replaced = d.insert(moved.clone());
+                d.touch(true);
+                Ok(true)
+            })
+            .await?;
+        } else {
+            self.modify(newparent, |d| {
+                if !d.is_dir() {
+                    return Err(FsError::NotDir);
+                }
+                check_target(d, &None)?;
+                replaced = d.insert(moved.clone());
+                d.touch(true);
+                Ok(true)
+            })
+            .await?;
+            let nm = name.to_vec();
+            self.modify(parent, |d| {
+                if d.find(&nm).is_some_and(|x| x.ino == src.ino) {
+                    d.remove(&nm);
+                    d.touch(true);
+                    return Ok(true);
+                }
+                Ok(false)
+            })
+            .await?;
+            if src.kind == Kind::Dir as u32 {
+                self.modify(src.ino, |i| {
+                    i.parent = newparent;
+                    i.touch(false);
+                    Ok(true)
+                })
+                .await?;
+            }
+        }
+        if let Some(r) = replaced {
+            if r.ino != src.ino {
+                if r.kind == Kind::Dir as u32 {
+                    let _ = self.destroy_empty_dir(r.ino).await;
+                } else {
+                    self.drop_link(r.ino).await?;
+                }
+            }
+        }
+        if src.kind != Kind::Dir as u32 {
+            // rename(2) changes the inode's ctime.
+            let _ = self.modify(src.ino, |i| {
+                i.touch(false);
+                Ok(true)
+            }).await;
+        }
+        Ok(())
+    }
+
+    pub async fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Arc<Inode>> {
+        check_name(newname)?;
+        let i = self
+            .modify(ino, |i| {
+                if i.is_dir() {
+                    return Err(FsError::Invalid("hard links to directories are not allowed".into()));
+                }
+                i.nlink += 1;
+                i.touch(false);
+                Ok(true)
+            })
+            .await?;
+        let kind = i.kind;
+        let nm = newname.to_vec();
+        let r = self
+            .modify(newparent, |d| {
+                if !d.is_dir() {
+                    return Err(FsError::NotDir);
+                }
+                if d.find(&nm).is_some() {
+                    return Err(FsError::Exists);
+                }
+                d.insert(DirEntry { name: nm.clone(), ino, kind });
+                d.touch(true);
+                Ok(true)
+            })
+            .await;
+        if let Err(e) = r {
+            let _ = self.drop_link(ino).await;
+            return Err(e);
+        }
+        // An open file here keeps its own copy of the inode; keep its link count right.
+        let open = self.files.lock().get(&ino).cloned();
+        if let Some(f) = open {
+            let mut st = f.st.lock().await;
+            st.inode.nlink = i.nlink;
+            st.inode.ctime_ns = i.ctime_ns;
+        }
+        self.getattr(ino).await
+    }
+
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let (_, d) = self.dir(ino, Duration::ZERO).await?;
+        let mut entries = Vec::with_capacity(d.entries.len() + 2);
+        entries.push(DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir as u32 });
+        entries.push(DirEntry { name: b"..".to_vec(), ino: if d.parent == 0 { ino } else { d.parent }, kind: Kind::Dir as u32 });
+        entries.extend(d.entries.iter().cloned());
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle::Dir(Arc::new(entries)));
+        Ok(fh)
+    }
+
+    /// The directory snapshot taken at opendir; readdir offsets index into it.
+    pub fn dir_entries(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
+        match self.handles.lock().get(&fh) {
+            Some(Handle::Dir(d)) => Ok(d.clone()),
+            Some(Handle::File(_)) => Err(FsError::NotDir),
+            None => Err(FsError::Invalid(format!("no open directory handle {fh}"))),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    pub async fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], create_only: bool, replace_only: bool) -> FsResult<()> {
+        if name.is_empty() || name.len() > 255 || value.len() > 64 << 10 {
+            return Err(FsError::Range);
+        }
+        self.modify(ino, |i| {
+            let pos = i.xattrs.iter().position(|x| x.name == name);
+            match (pos, create_only, replace_only) {
+                (Some(_), true, _) => return Err(FsError::Exists),
+                (None, _, true) => return Err(FsError::NoAttr),
+                (Some(p), _, _) => i.xattrs[p].value = value.to_vec(),
+                (None, _, _) => i.xattrs.push(inode::Xattr { name: name.to_vec(), value: value.to_vec() }),
+            }
+            i.touch(false);
+            Ok(true)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let i = self.getattr(ino).await?;
+        i.xattrs.iter().find(|x| x.name == name).map(|x| x.value.clone()).ok_or(FsError::NoAttr)
+    }
+
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let i = self.getattr(ino).await?;
+        let mut out = Vec::new();
+        for x in &i.xattrs {
+            out.extend_from_slice(&x.name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub async fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        let mut found = false;
+        self.modify(ino, |i| {
+            let before = i.xattrs.len();
+            i.xattrs.retain(|x| x.name != name);
+            found = i.xattrs.len() != before;
+            if found {
+                i.touch(false);
+            }
+            Ok(found)
+        })
+        .await?;
+        if found {
+            Ok(())
+        } else {
+            Err(FsError::NoAttr)
+        }
+    }
+
+    /// Usable capacity of the ring after parity, refreshed every few seconds.
+    pub async fn space(&self) -> Space {
+        if let Some((at, s)) = *self.space.lock() {
+            if at.elapsed() < Duration::from_secs(5) {
+                return s;
+            }
+        }
+        let s = match crate::status::collect(&self.data.stripes.net, &self.data.stripes.start[0]).await {
+            Ok(st) => {
+                let code = self.data.stripes.code;
+                let scale = |b: u64| (b as u128 * code.k as u128 / code.total() as u128) as u64;
+                let total: u64 = st.peers.iter().filter(|p| p.alive).map(|p| p.capacity_bytes).sum();
+                let used: u64 = st.peers.iter().filter(|p| p.alive).map(|p| p.used_bytes).sum();
+                Space { total: scale(total), free: scale(total.saturating_sub(used)) }
+            }
+            Err(e) => {
+                log::warn!("statfs: {e}");
+                self.space.lock().map(|(_, s)| s).unwrap_or_default()
+            }
+        };
+        *self.space.lock() = Some((Instant::now(), s));
+        s
+    }
+
+    /// Publishes every open file (unmount).
+    pub async fn flush_all(&self) {
+        let files: Vec<Arc<OpenFile>> = self.files.lock().values().cloned().collect();
+        for f in files {
+            let mut st = f.st.lock().await;
+            if let Err(e) = self.publish(f.ino, &mut st).await {
+                log::error!("inode {}: could not publish at unmount: {e}", f.ino);
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The writer's and reader's side of records: find the replica set, read the newest
+//! copy, compare-and-swap through the primary, route around replicas that fail.
+
+use super::{CasOutcome, Fetched, Record};
+use crate::erasure::client::StripeClient;
+use crate::ring::{Id, NetError};
+use crate::rpc::NetAddr;
+use futures_util::future::join_all;
+use std::time::Duration;
+
+/// Attempts of one CAS or read before it is reported as unavailable; the pauses between
+/// them give the ring time to notice a dead peer.
+const ATTEMPTS: usize = 5;
+const BACKOFF: Duration = Duration::from_millis(150);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata record {key} is unavailable: {why}")]
+    Unavailable { key: String, why: String },
+    #[error("the ring is full: {0}")]
+    Full(String),
+}
+
+/// Outcome of `RecordClient::cas`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Swap {
+    Done(u64),
+    /// Someone else wrote first; the current record.
+    Conflict(Record),
+}
+
+#[derive(Clone)]
+pub struct RecordClient {
+    pub stripes: StripeClient,
+    /// Copies of each record: m + 1, so a record survives what a stripe survives.
+    pub replicas: usize,
+}
+
+impl RecordClient {
+    pub fn new(stripes: StripeClient) -> RecordClient {
+        let replicas = stripes.code.m as usize + 1;
+        RecordClient { stripes, replicas }
+    }
+
+    /// The peers that hold `key`, primary first, without peers that recently failed us.
+    async fn replica_set(&self, key: Id) -> Result<Vec<NetAddr>, MetaError> {
+        let walk = self
+            .stripes
+            .peers_for(key, self.replicas + 2)
+            .await
+            .map_err(|e| MetaError::Unavailable { key: key.to_hex(), why: e.to_string() })?;
+        let suspects = self.stripes.net.suspected();
+        let mut set: Vec<NetAddr> = walk.iter().filter(|a| !suspects.contains(a)).take(self.replicas).cloned().collect();
+        if set.is_empty() {
+            set = walk.into_iter().take(self.replicas).collect();
+        }
+        if set.is_empty() {
+            return Err(MetaError::Unavailable { key: key.to_hex(), why: "no peer found for it".into() });
+        }
+        Ok(set)
+    }
+
+    /// The newest copy (version 0 if the record was never written).
+    pub async fn get(&self, key: Id) -> Result<Record, MetaError> {
+        Ok(self.get_newer(key, 0).await?.unwrap_or_default())
+    }
+
+    /// The record if some replica holds a version newer than `known`; None if not.
+    pub async fn get_newer(&self, key: Id, known: u64) -> Result<Option<Record>, MetaError> {
+        let mut why = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(BACKOFF * attempt as u32).await;
+            }
+            let set = self.replica_set(key).await?;
+            let net = &self.stripes.net;
+            let answers = join_all(set.iter().map(|a| net.get_record(a, key, known))).await;
+            let mut best: Option<Record> = None;
+            let mut answered = 0;
+            let mut versions = Vec::new();
+            for (a, r) in set.iter().zip(answers) {
+                match r {
+                    Ok(f) => {
+                        answered += 1;
+                        versions.push((a.clone(), f.version()));
+                        if let Fetched::Got(rec) = f {
+                            if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.version) {
+                                best = Some(rec);
+                            }
+                        }
+                    }
+                    Err(e) => why = e.to_string(),
+                }
+            }
+            if answered == 0 {
+                continue;
+            }
+            let newest = best.as_ref().map(|b| b.version).unwrap_or(known);
+            // Read repair: a replica that was away catches up now rather than at the
+            // next write.
+            if let Some(rec) = &best {
+                for (a, v) in versions.iter().filter(|(_, v)| *v < newest) {
+                    let (net, a, rec) = (net.clone(), a.clone(), rec.clone());
+                    log::debug!("record {}: repairing {a} from version {v}", key.to_hex());
+                    tokio::spawn(async move {
+                        let _ = net.put_record(&a, key, &rec).await;
+                    });
+                }
+            }
+            return Ok(best);
+        }
+        Err(MetaError::Unavailable { key: key.to_hex(), why })
+    }
+
+    /// Writes `data` (None: a tombstone) as version `expected + 1` if the record is still
+    /// at `expected`.
+    pub async fn cas(&self, key: Id, expected: u64, data: Option<Vec<u8>>) -> Result<Swap, MetaError> {
+        let deleted = data.is_none();
+        let data = data.unwrap_or_default();
+        let mut why = String::new();
+        let mut tried = false;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(BACKOFF * attempt as u32).await;
+            }
+            let set = self.replica_set(key).await?;
+            let net = &self.stripes.net;
+            match net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..]).await {
+                Ok(CasOutcome::Done(v)) => return Ok(Swap::Done(v)),
+                Ok(CasOutcome::Conflict(cur)) => {
+                    // A retry may find the write an earlier attempt left behind.
+                    if tried && cur.version == expected + 1 && cur.deleted == deleted && cur.data == data {
+                        return Ok(Swap::Done(cur.version));
+                    }
+                    return Ok(Swap::Conflict(cur));
+                }
+                Ok(CasOutcome::Partial { failed, .. }) => {
+                    tried = true;
+                    why = format!("replicas {failed:?} did not take the write");
+                    for a in &failed {
+                        net.suspect(a);
+                    }
+                }
+                Err(NetError::Refused(m)) if m.contains("disk image full") => return Err(MetaError::Full(m)),
+                Err(e) => {
+                    tried = true;
+                    why = e.to_string();
+                    net.suspect(&set[0]);
+                }
+            }
+        }
+        Err(MetaError::Unavailable { key: key.to_hex(), why })
+    }
+}
