@@ -240,6 +240,10 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
             loop {
                 tick.tick().await;
                 driver::maintain(&state.node, &*net, fingers, state.now_ms()).await;
+                // Group commit of lazily written metadata records.
+                if let Err(e) = state.records.sync().await {
+                    log::error!("syncing the disk image: {e}");
+                }
             }
         })
     };

@@ -190,6 +190,8 @@ pub struct DiskImage {
     /// Unreadable headers met by the last open's scan (0 after a clean
     /// shutdown or a kill -9; nonzero means damage or a torn write).
     orphans_at_open: std::sync::atomic::AtomicUsize,
+    /// Some `put_unsynced` has not been followed by a sync yet.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for DiskImage {
@@ -284,6 +286,7 @@ impl DiskImage {
                 next_seq: 1,
             }),
             orphans_at_open: Default::default(),
+            unsynced: Default::default(),
         };
         img.recover(scanned)?;
         Ok(img)
@@ -291,11 +294,35 @@ impl DiskImage {
 
     /// Durable on return. Replaces an existing block with the same key.
     pub fn put(&self, key: &BlockKey, meta: &[u8], data: &[u8]) -> Result<(), StoreError> {
+        self.put_with(key, meta, data, true)
+    }
+
+    /// Like `put`, but without waiting for the disk: the block is in the OS's page
+    /// cache on return (it survives this process being killed, not a power loss) and
+    /// durable after the next `sync_now`. Same write order as `put`, so a crash still
+    /// leaves each block whole or absent, by checksum; what a power loss can undo is
+    /// the latest unsynced versions.
+    pub fn put_unsynced(&self, key: &BlockKey, meta: &[u8], data: &[u8]) -> Result<(), StoreError> {
+        self.put_with(key, meta, data, false)
+    }
+
+    /// Makes every earlier `put_unsynced` durable.
+    pub fn sync_now(&self) -> Result<(), StoreError> {
+        if self.unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn put_with(&self, key: &BlockKey, meta: &[u8], data: &[u8], durable: bool) -> Result<(), StoreError> {
         check_sizes(meta, data)?;
-        let res = self.reserve(units_for(data.len()))?;
+        if !durable {
+            self.unsynced.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let res = self.reserve(units_for(data.len()), durable)?;
         let header = Header::block(key, meta, data.len(), crc32c::crc32c(data), res.seq);
-        if let Err(e) = self.write_record(&res, &header, data) {
-            if let Err(e2) = self.free_extent(res.unit, res.units) {
+        if let Err(e) = self.write_record_with(&res, &header, data, durable) {
+            if let Err(e2) = self.free_extent(res.unit, res.units, durable) {
                 log::warn!(
                     "{}: leaking {} units after failed put: {e2}",
                     self.path.display(),
@@ -304,7 +331,7 @@ impl DiskImage {
             }
             return Err(e.into());
         }
-        self.install(key, &res, data.len());
+        self.install(key, &res, data.len(), durable);
         Ok(())
     }
 
@@ -345,7 +372,7 @@ impl DiskImage {
             idx.corrupt.remove(key);
             e
         };
-        self.free_extent(removed.unit, removed.units)?;
+        self.free_extent(removed.unit, removed.units, true)?;
         Ok(true)
     }
 
@@ -548,7 +575,7 @@ impl DiskImage {
 
     /// Takes a best-fit extent of `units` out of the free map, making the
     /// on-disk chain match (see "Write protocol" in the module doc).
-    fn reserve(&self, units: u64) -> Result<Reservation, StoreError> {
+    fn reserve(&self, units: u64, durable: bool) -> Result<Reservation, StoreError> {
         let mut alloc = self.alloc.lock();
         let Some((start, len)) = alloc.free.best_fit(units) else {
             return Err(StoreError::Full {
@@ -557,7 +584,7 @@ impl DiskImage {
             });
         };
         if len > units {
-            self.split_free_record(start, units, len)?;
+            self.split_free_record(start, units, len, durable)?;
         }
         alloc.free.remove(start);
         if len > units {
@@ -573,10 +600,12 @@ impl DiskImage {
     }
 
     /// Splits the FREE record [start, start+len) after `units` units.
-    fn split_free_record(&self, start: u64, units: u64, len: u64) -> io::Result<()> {
+    fn split_free_record(&self, start: u64, units: u64, len: u64, durable: bool) -> io::Result<()> {
         // The tail's header must be durable before the head points at it.
         self.write_header(start + units, &Header::free(len - units))?;
-        self.sync()?;
+        if durable {
+            self.sync()?;
+        }
         // Left unsynced: the reserving put syncs before publishing, and any
         // later put in the tail syncs after this write too.
         self.write_header(start, &Header::free(units))
@@ -584,7 +613,12 @@ impl DiskImage {
 
     /// Data (+ zero padding) first and synced, then the header that vouches
     /// for it, synced: the header write is the commit point.
+    #[cfg(test)]
     fn write_record(&self, res: &Reservation, header: &Header, data: &[u8]) -> io::Result<()> {
+        self.write_record_with(res, header, data, true)
+    }
+
+    fn write_record_with(&self, res: &Reservation, header: &Header, data: &[u8], durable: bool) -> io::Result<()> {
         static ZEROS: [u8; UNIT as usize] = [0; UNIT as usize];
         let base = res.unit * UNIT;
         let data_at = base + HEADER_LEN as u64;
@@ -596,6 +630,9 @@ impl DiskImage {
         let pad = (base + res.units * UNIT - data_end) as usize;
         self.file
             .write_all_at(&ZEROS[..pad.min(ZEROS.len())], data_end)?;
+        if !durable {
+            return self.write_header(res.unit, header);
+        }
         self.sync()?;
         self.write_header(res.unit, header)?;
         self.sync()
@@ -604,7 +641,7 @@ impl DiskImage {
     /// Publishes a durable record in the index and frees whichever version
     /// lost (the replaced one, or ours if a concurrent put of the same key
     /// reserved later and already published).
-    fn install(&self, key: &BlockKey, res: &Reservation, data_len: usize) {
+    fn install(&self, key: &BlockKey, res: &Reservation, data_len: usize, durable: bool) {
         let new = Entry {
             unit: res.unit,
             units: res.units,
@@ -631,7 +668,7 @@ impl DiskImage {
         };
         // The put itself is already durable; if this fails, the loser is
         // retired at the next open (lower seq), so only log.
-        if let Err(e) = self.free_extent(loser.unit, loser.units) {
+        if let Err(e) = self.free_extent(loser.unit, loser.units, durable) {
             log::warn!(
                 "{}: could not free superseded record: {e}",
                 self.path.display()
@@ -641,7 +678,7 @@ impl DiskImage {
 
     /// Returns a record's extent to the free map, durably: its own header
     /// becomes FREE, then a free left neighbour is widened over it.
-    fn free_extent(&self, unit: u64, units: u64) -> io::Result<()> {
+    fn free_extent(&self, unit: u64, units: u64, durable: bool) -> io::Result<()> {
         let mut alloc = self.alloc.lock();
         let (left, right) = alloc.free.merged_span(unit, units);
         if left == unit {
@@ -650,7 +687,9 @@ impl DiskImage {
             self.write_header(unit, &Header::free(units))?;
             self.write_header(left, &Header::free(right - left))?;
         }
-        self.sync()?;
+        if durable {
+            self.sync()?;
+        }
         alloc.free.insert(unit, units);
         Ok(())
     }

@@ -255,42 +255,61 @@ impl Fs {
         }
     }
 
-    /// Writes a new inode record under a fresh number, then links it into `parent`.
+    /// Writes a new inode record under a fresh number and links it into `parent`. The
+    /// two writes go out together; if either fails the other is undone, and a lookup
+    /// that meets an entry without its inode drops the entry (see `lookup`).
     async fn make(&self, parent: u64, name: &[u8], mut node: Inode) -> FsResult<(u64, Arc<Inode>)> {
         check_name(name)?;
         let kind = node.kind;
-        let mut ino = Self::new_ino();
+        let ino = Self::new_ino();
         if node.is_dir() {
             node.parent = parent;
         }
-        loop {
-            match self.records.cas(self.key(ino), 0, Some(inode::encode(&node))).await? {
-                Swap::Done(v) => {
-                    self.remember(ino, v, Arc::new(node.clone()));
-                    break;
+        let nm = name.to_vec();
+        let write_inode = self.records.cas(self.key(ino), 0, Some(inode::encode(&node)));
+        let link = self.modify(parent, |d| {
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if d.find(&nm).is_some() {
+                return Err(FsError::Exists);
+            }
+            d.insert(DirEntry { name: nm.clone(), ino, kind });
+            d.touch(true);
+            Ok(true)
+        });
+        let (written, linked) = tokio::join!(write_inode, link);
+        let written = match written {
+            Ok(Swap::Done(v)) => Ok(v),
+            // A 64-bit random number already taken: vanishingly rare, and never ours.
+            Ok(Swap::Conflict(_)) => Err(FsError::Io(format!("inode number {ino} collided"))),
+            Err(e) => Err(FsError::from(e)),
+        };
+        match (written, linked) {
+            (Ok(v), Ok(_)) => {
+                let node = Arc::new(node);
+                self.remember(ino, v, node.clone());
+                Ok((ino, node))
+            }
+            (Ok(_), Err(e)) => {
+                let _ = self.destroy(ino).await;
+                Err(e)
+            }
+            (Err(e), linked) => {
+                if linked.is_ok() {
+                    let _ = self
+                        .modify(parent, |d| {
+                            if d.find(&nm).is_some_and(|x| x.ino == ino) {
+                                d.remove(&nm);
+                                return Ok(true);
+                            }
+                            Ok(false)
+                        })
+                        .await;
                 }
-                Swap::Conflict(_) => ino = Self::new_ino(),
+                Err(e)
             }
         }
-        let nm = name.to_vec();
-        let linked = self
-            .modify(parent, |d| {
-                if !d.is_dir() {
-                    return Err(FsError::NotDir);
-                }
-                if d.find(&nm).is_some() {
-                    return Err(FsError::Exists);
-                }
-                d.insert(DirEntry { name: nm.clone(), ino, kind });
-                d.touch(true);
-                Ok(true)
-            })
-            .await;
-        if let Err(e) = linked {
-            let _ = self.destroy(ino).await;
-            return Err(e);
-        }
-        Ok((ino, Arc::new(node)))
     }
 
     pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<(u64, Arc<Inode>)> {
@@ -381,21 +400,26 @@ impl Fs {
         Ok(data.len())
     }
 
-    /// Publishes what was written through any handle of the file.
+    /// Publishes what was written through any handle of the file: other mounts see it
+    /// from now on (close-to-open).
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
-        self.publish(f.ino, &mut st).await
+        self.publish(f.ino, &mut st, false).await
     }
 
-    async fn publish(&self, ino: u64, st: &mut FileState) -> FsResult<()> {
+    async fn publish(&self, ino: u64, st: &mut FileState, durable: bool) -> FsResult<()> {
         st.settle(&self.data).await?;
         if !st.changed() {
+            if durable {
+                // Nothing new, but an earlier lazy publish must reach the disks.
+                return self.sync_record(ino).await;
+            }
             return Ok(());
         }
         let mut expected = st.version;
         for _ in 0..MAX_SWAPS {
-            match self.records.cas(self.key(ino), expected, Some(inode::encode(&st.inode))).await? {
+            match self.records.cas_with(self.key(ino), expected, Some(inode::encode(&st.inode)), durable).await? {
                 Swap::Done(v) => {
                     st.version = v;
                     st.content_changed = false;
@@ -443,15 +467,28 @@ impl Fs {
         Err(FsError::Io(format!("inode {ino}: gave up publishing after {MAX_SWAPS} conflicts")))
     }
 
+    /// fsync(2): published and on the disks of every replica (data stripes always are).
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        let f = self.file(fh)?;
+        let mut st = f.st.lock().await;
+        self.publish(f.ino, &mut st, true).await
+    }
+
+    /// Rewrites the inode's current version durably on its replicas.
+    async fn sync_record(&self, ino: u64) -> FsResult<()> {
+        let rec = self.records.get(self.key(ino)).await?;
+        if rec.version == 0 {
+            return Err(FsError::NotFound);
+        }
+        self.records.put_durable(self.key(ino), &rec).await?;
+        Ok(())
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let h = self.handles.lock().remove(&fh);
         let Some(Handle::File(f)) = h else { return Ok(()) };
         let mut st = f.st.lock().await;
-        let r = self.publish(f.ino, &mut st).await;
+        let r = self.publish(f.ino, &mut st, false).await;
         st.handles = st.handles.saturating_sub(1);
         if st.handles == 0 {
             self.files.lock().remove(&f.ino);
@@ -476,7 +513,7 @@ impl Fs {
             st.attrs.merge(&changes);
             st.attrs_changed = true;
             st.inode.ctime_ns = inode::now_ns();
-            self.publish(ino, &mut st).await?;
+            self.publish(ino, &mut st, false).await?;
             return Ok(Arc::new(st.inode.clone()));
         }
         if let Some(s) = size {
@@ -490,7 +527,7 @@ impl Fs {
             changes.apply(&mut st.inode);
             st.attrs = changes;
             st.attrs_changed = true;
-            self.publish(ino, &mut st).await?;
+            self.publish(ino, &mut st, false).await?;
             return Ok(Arc::new(st.inode.clone()));
         }
         self.modify(ino, |i| {
@@ -846,7 +883,7 @@ impl Fs {
         let files: Vec<Arc<OpenFile>> = self.files.lock().values().cloned().collect();
         for f in files {
             let mut st = f.st.lock().await;
-            if let Err(e) = self.publish(f.ino, &mut st).await {
+            if let Err(e) = self.publish(f.ino, &mut st, false).await {
                 log::error!("inode {}: could not publish at unmount: {e}", f.ino);
             }
         }

@@ -103,7 +103,7 @@ impl RecordClient {
                     let (net, a, rec) = (net.clone(), a.clone(), rec.clone());
                     log::debug!("record {}: repairing {a} from version {v}", key.to_hex());
                     tokio::spawn(async move {
-                        let _ = net.put_record(&a, key, &rec).await;
+                        let _ = net.put_record(&a, key, &rec, false).await;
                     });
                 }
             }
@@ -112,9 +112,26 @@ impl RecordClient {
         Err(MetaError::Unavailable { key: key.to_hex(), why })
     }
 
+    /// Writes `rec` durably on every replica that holds it or an older version.
+    pub async fn put_durable(&self, key: Id, rec: &Record) -> Result<(), MetaError> {
+        let set = self.replica_set(key).await?;
+        let net = &self.stripes.net;
+        let results = join_all(set.iter().map(|a| net.put_record(a, key, rec, true))).await;
+        if results.iter().all(|r| r.is_err()) {
+            return Err(MetaError::Unavailable { key: key.to_hex(), why: "no replica took the sync".into() });
+        }
+        Ok(())
+    }
+
     /// Writes `data` (None: a tombstone) as version `expected + 1` if the record is still
-    /// at `expected`.
+    /// at `expected`. On return every replica holds it in memory (visible to all
+    /// readers, safe from a peer process crash) and on disk within a second; with
+    /// `durable`, on every replica's disk already.
     pub async fn cas(&self, key: Id, expected: u64, data: Option<Vec<u8>>) -> Result<Swap, MetaError> {
+        self.cas_with(key, expected, data, false).await
+    }
+
+    pub async fn cas_with(&self, key: Id, expected: u64, data: Option<Vec<u8>>, durable: bool) -> Result<Swap, MetaError> {
         let deleted = data.is_none();
         let data = data.unwrap_or_default();
         let mut why = String::new();
@@ -123,9 +140,13 @@ impl RecordClient {
             if attempt > 0 {
                 tokio::time::sleep(BACKOFF * attempt as u32).await;
             }
+            let t0 = std::time::Instant::now();
             let set = self.replica_set(key).await?;
+            let t1 = t0.elapsed();
             let net = &self.stripes.net;
-            match net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..]).await {
+            let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable).await;
+            log::debug!("cas {}: walk {:?} cas {:?}", key.to_hex(), t1, t0.elapsed() - t1);
+            match r {
                 Ok(CasOutcome::Done(v)) => return Ok(Swap::Done(v)),
                 Ok(CasOutcome::Conflict(cur)) => {
                     // A retry may find the write an earlier attempt left behind.

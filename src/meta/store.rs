@@ -7,10 +7,19 @@ use crate::ring::Id;
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
 use futures_util::future::join_all;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Writes to one key are serialised by one of these locks (keys hash onto them).
 const LOCKS: usize = 64;
+/// How long a primary trusts that the replicas hold nothing newer than what it last
+/// wrote or read from them. Only a change of primary (a join or failure next to the
+/// key) can make that untrue, and the ring takes longer than this to settle one.
+const AUTHORITY: Duration = Duration::from_millis(1000);
+/// Lazy record writes reach the disk within this long (group commit).
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -27,11 +36,30 @@ pub struct RecordStore {
     net: Arc<GrpcNet>,
     me: NetAddr,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Keys this peer recently wrote or checked as primary, with the version then.
+    authority: Mutex<HashMap<Id, (u64, Instant)>>,
 }
 
 impl RecordStore {
     pub fn new(store: Arc<DiskImage>, net: Arc<GrpcNet>, me: NetAddr) -> RecordStore {
-        RecordStore { store, net, me, locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect() }
+        RecordStore { store, net, me, locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(), authority: Mutex::new(HashMap::new()) }
+    }
+
+    fn vouch(&self, key: Id, version: u64) {
+        let mut a = self.authority.lock();
+        if a.len() > 100_000 {
+            a.retain(|_, (_, t)| t.elapsed() < AUTHORITY);
+        }
+        a.insert(key, (version, Instant::now()));
+    }
+
+    fn vouched(&self, key: Id, version: u64) -> bool {
+        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY)
+    }
+
+    /// Puts lazy writes on disk (run every SYNC_EVERY by the peer).
+    pub async fn sync(&self) -> Result<(), RecordError> {
+        self.disk(|s| Ok(s.sync_now()?)).await
     }
 
     fn lock_for(&self, key: Id) -> &tokio::sync::Mutex<()> {
@@ -58,19 +86,27 @@ impl RecordStore {
 
     /// Stores `rec` unless this peer already holds that version or a newer one; returns
     /// the version held afterwards.
-    pub async fn put(&self, key: Id, rec: Record) -> Result<u64, RecordError> {
+    pub async fn put(&self, key: Id, rec: Record, durable: bool) -> Result<u64, RecordError> {
         let _g = self.lock_for(key).lock().await;
-        self.put_locked(key, rec).await
+        self.put_locked(key, rec, durable).await
     }
 
-    async fn put_locked(&self, key: Id, rec: Record) -> Result<u64, RecordError> {
+    async fn put_locked(&self, key: Id, rec: Record, durable: bool) -> Result<u64, RecordError> {
         self.disk(move |s| {
             let have = read_local(s, key)?;
             if have.version >= rec.version {
+                if durable {
+                    s.sync_now()?;
+                }
                 return Ok(have.version);
             }
             let data = if rec.deleted { Vec::new() } else { rec.data };
-            s.put(&key.to_bytes(), &encode_meta(rec.version, rec.deleted), &data)?;
+            let meta = encode_meta(rec.version, rec.deleted);
+            if durable {
+                s.put(&key.to_bytes(), &meta, &data)?;
+            } else {
+                s.put_unsynced(&key.to_bytes(), &meta, &data)?;
+            }
             Ok(rec.version)
         })
         .await
@@ -78,48 +114,61 @@ impl RecordStore {
 
     /// Compare-and-swap as the primary: if the newest version among this peer and
     /// `replicas` is `expected`, writes `expected + 1` everywhere.
-    pub async fn cas(&self, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: Vec<NetAddr>) -> Result<CasOutcome, RecordError> {
+    pub async fn cas(&self, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: Vec<NetAddr>, durable: bool) -> Result<CasOutcome, RecordError> {
         let replicas: Vec<NetAddr> = replicas.into_iter().filter(|a| *a != self.me).collect();
+        let t0 = Instant::now();
         let _g = self.lock_for(key).lock().await;
         let mut current = self.local(key).await?;
-        // A replica may be ahead of us: we may have just become primary, or have been
-        // away while another primary wrote.
+        let t1 = t0.elapsed();
         let known = current.version;
-        let answers = join_all(replicas.iter().map(|a| {
-            let net = self.net.clone();
-            let a = a.clone();
-            async move { net.get_record(&a, key, known).await }
-        }))
-        .await;
-        for f in answers.into_iter().flatten() {
-            if let Fetched::Got(r) = f {
-                if r.version > current.version {
-                    current = r;
+        // A write to a record nobody has (a new inode under a fresh random number) has
+        // nobody to be behind; the replicas would say so if they held something.
+        let fresh = expected == 0 && known == 0;
+        if !fresh && !self.vouched(key, known) {
+            // A replica may be ahead of us: we may have just become primary, or have
+            // been away while another primary wrote.
+            let answers = join_all(replicas.iter().map(|a| {
+                let net = self.net.clone();
+                let a = a.clone();
+                async move { net.get_record(&a, key, known).await }
+            }))
+            .await;
+            for f in answers.into_iter().flatten() {
+                if let Fetched::Got(r) = f {
+                    if r.version > current.version {
+                        current = r;
+                    }
                 }
             }
+            if current.version > known {
+                // Keep our own copy current while we are at it.
+                let _ = self.put_locked(key, current.clone(), false).await;
+            }
+            self.vouch(key, current.version);
         }
         if current.version != expected {
-            // Keep our own copy current while we are at it.
-            if current.version > known {
-                let _ = self.put_locked(key, current.clone()).await;
-            }
             return Ok(CasOutcome::Conflict(current));
         }
         let rec = Record { version: expected + 1, deleted, data: if deleted { Vec::new() } else { data } };
-        self.put_locked(key, rec.clone()).await?;
-        let results = join_all(replicas.iter().map(|a| {
+        let local = self.put_locked(key, rec.clone(), durable);
+        let remote = join_all(replicas.iter().map(|a| {
             let net = self.net.clone();
             let a = a.clone();
             let rec = rec.clone();
-            async move { net.put_record(&a, key, &rec).await }
-        }))
-        .await;
+            async move { net.put_record(&a, key, &rec, durable).await }
+        }));
+        let t2 = t0.elapsed();
+        let (local, results) = tokio::join!(local, remote);
+        local?;
+        log::debug!("cas {}: lock+local {t1:?} consult {:?} write {:?}", key.to_hex(), t2 - t1, t0.elapsed() - t2);
         let mut failed = Vec::new();
         for (a, r) in replicas.iter().zip(results) {
             match r {
-                Ok(v) if v >= rec.version => {}
+                Ok(v) if v == rec.version => {}
                 Ok(v) => {
-                    log::warn!("record {}: replica {a} kept version {v} over {}", key.to_hex(), rec.version);
+                    // Ahead of us: another primary wrote. The writer's retry consults
+                    // the replicas and sees it.
+                    log::warn!("record {}: replica {a} holds version {v}, newer than {}", key.to_hex(), rec.version);
                     failed.push(a.clone());
                 }
                 Err(e) => {
@@ -129,8 +178,10 @@ impl RecordStore {
             }
         }
         if !failed.is_empty() {
+            self.authority.lock().remove(&key);
             return Ok(CasOutcome::Partial { version: rec.version, failed });
         }
+        self.vouch(key, rec.version);
         Ok(CasOutcome::Done(rec.version))
     }
 }

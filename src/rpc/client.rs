@@ -254,10 +254,10 @@ impl GrpcNet {
 
     /// Stores a replica of a record unless `addr` has that version or newer; returns the
     /// version `addr` holds afterwards.
-    pub async fn put_record(&self, addr: &NetAddr, key: Id, rec: &Record) -> Result<u64, NetError> {
+    pub async fn put_record(&self, addr: &NetAddr, key: Id, rec: &Record, durable: bool) -> Result<u64, NetError> {
         let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
         let req = Self::request(
-            pb::PutRecordRequest { key: key.to_bytes().to_vec(), version: rec.version, deleted: rec.deleted, data: rec.data.clone() },
+            pb::PutRecordRequest { key: key.to_bytes().to_vec(), version: rec.version, deleted: rec.deleted, data: rec.data.clone(), durable },
             RING_CALL_TIMEOUT,
         );
         let r = with_deadline(RING_CALL_TIMEOUT, c.put_record(req)).await.map_err(|s| net_error(addr, s))?;
@@ -265,7 +265,8 @@ impl GrpcNet {
     }
 
     /// Compare-and-swap at the record's primary `addr`, which replicates to `replicas`.
-    pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr]) -> Result<CasOutcome, NetError> {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr], durable: bool) -> Result<CasOutcome, NetError> {
         let r = async {
             let mut c = self.client(addr, RECORD_CAS_TIMEOUT)?;
             let msg = pb::CasRecordRequest {
@@ -274,6 +275,7 @@ impl GrpcNet {
                 deleted,
                 data,
                 replicas: replicas.iter().map(|a| a.to_string()).collect(),
+                durable,
             };
             let r = with_deadline(RECORD_CAS_TIMEOUT, c.cas_record(Self::request(msg, RECORD_CAS_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
             if r.ok {

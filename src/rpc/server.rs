@@ -333,7 +333,7 @@ impl Peer for PeerService {
         let r = req.into_inner();
         let key = id_from(&r.key, "key")?;
         check_record(r.version, r.deleted, &r.data)?;
-        let v = self.state.records.put(key, Record { version: r.version, deleted: r.deleted, data: r.data }).await.map_err(record_status)?;
+        let v = self.state.records.put(key, Record { version: r.version, deleted: r.deleted, data: r.data }, r.durable).await.map_err(record_status)?;
         Ok(Response::new(pb::PutRecordResponse { version: v }))
     }
 
@@ -346,7 +346,7 @@ impl Peer for PeerService {
             return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
         }
         let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
-        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas).await.map_err(record_status)?;
+        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas, r.durable).await.map_err(record_status)?;
         Ok(Response::new(match out {
             CasOutcome::Done(v) => pb::CasRecordResponse { ok: true, version: v, ..Default::default() },
             CasOutcome::Conflict(rec) => pb::CasRecordResponse { ok: false, version: rec.version, found: rec.version > 0, deleted: rec.deleted, data: rec.data, failed_replicas: vec![] },
