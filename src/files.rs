@@ -7,7 +7,7 @@
 //! and code known, and checked against its key.
 
 use crate::erasure::client::{StripeClient, StripeError};
-use crate::erasure::stripe::MAX_SHARD_BYTES;
+use crate::erasure::stripe::{MAX_SHARD_BYTES, SHARD_BYTES};
 use crate::erasure::Code;
 use crate::ring::Id;
 use crate::rpc::client::GrpcNet;
@@ -81,7 +81,7 @@ impl FileClient {
 
     /// Bytes of file data per stripe.
     pub fn stripe_bytes(&self) -> usize {
-        self.code().k as usize * MAX_SHARD_BYTES
+        self.code().k as usize * SHARD_BYTES
     }
 
     /// Stores the file at `path`; returns its handle.

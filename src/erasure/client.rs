@@ -29,7 +29,6 @@ const READ_SPARES: usize = 2;
 const STRAGGLER_WAIT: Duration = Duration::from_millis(200);
 /// Most k-subsets tried when a decode does not match the stripe key (a forged shard).
 const MAX_DECODE_ATTEMPTS: usize = 64;
-const PLACEMENT_RETRIES: usize = 10;
 const READ_ATTEMPTS: usize = 3;
 /// Looks (PLACEMENT_RETRY_WAIT apart) that must all show a small ring before stripes narrow.
 const NARROW_AFTER_LOOKS: usize = 8;
@@ -61,7 +60,17 @@ pub struct StripeClient {
     pub write_quorum: usize,
     pub hedge_after: Duration,
     walks: Arc<parking_lot::Mutex<WalkCache>>,
+    /// A narrower code this client fell back to when it could not find k+m live peers,
+    /// and until when it keeps using it before trying the full code again.
+    narrowed: Arc<parking_lot::Mutex<Option<(Code, Instant)>>>,
 }
+
+/// How long a write keeps a narrowed code before looking for k+m peers again.
+const NARROWED_FOR: Duration = Duration::from_secs(20);
+/// Placement waits this many retries for a short walk to fill up before narrowing.
+const NARROW_AFTER_RETRIES: usize = 10;
+/// Whole-stripe write attempts (each with a fresh walk that avoids peers that failed).
+const WRITE_ATTEMPTS: usize = 3;
 
 /// Recent walks of the ring. A walk from key S is a contiguous run of vnodes with none
 /// in [S, first), so any key in [S, last] can be placed from it without a lookup. For a
@@ -117,7 +126,7 @@ pub fn default_quorum(code: Code) -> usize {
 
 impl StripeClient {
     pub fn new(net: Arc<GrpcNet>, start: Vec<NetAddr>, code: Code) -> StripeClient {
-        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default() }
+        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default(), narrowed: Default::default() }
     }
 
     /// The code new stripes are written with: the ring's, or for a ring with fewer than
@@ -163,28 +172,72 @@ impl StripeClient {
         Ok(peers)
     }
 
+    /// The first `n` distinct peers for `key`, without peers that just failed us.
+    async fn live_peers_for(&self, key: Id, n: usize) -> Result<Vec<NetAddr>, StripeError> {
+        let suspects = self.net.suspected();
+        let walk = self.peers_for(key, n + suspects.len().min(4)).await?;
+        Ok(walk.into_iter().filter(|a| !suspects.contains(a)).take(n).collect())
+    }
+
     /// Stores `data` as one stripe; returns its key once the write quorum is durable.
+    /// With fewer than k+m live peers (some down, repair not done yet) it writes with a
+    /// narrower code of the same m, so the stripe still survives m more losses; repair
+    /// and rebalance later see it like any other stripe.
     pub async fn write_stripe(&self, data: Vec<u8>) -> Result<Id, StripeError> {
-        let code = self.code;
-        let total = code.total() as usize;
-        let quorum = self.write_quorum.clamp(code.k as usize, total);
-        let (stripe, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &data))
-            .await
-            .map_err(|e| StripeError::Internal(format!("encode task failed: {e}")))?
-            .map_err(|e| StripeError::Internal(e.to_string()))?;
-        let mut peers = self.peers_for(stripe, total).await?;
-        // A ring that is still converging (peers just joined) can show a short walk; give
-        // it a few seconds before calling the ring too small.
-        for _ in 0..PLACEMENT_RETRIES {
-            if peers.len() >= total {
-                break;
+        let data = Arc::new(data);
+        let mut code = match *self.narrowed.lock() {
+            Some((c, until)) if Instant::now() < until && c.k < self.code.k => c,
+            _ => self.code,
+        };
+        let mut last = None;
+        let mut attempt = 0;
+        while attempt < WRITE_ATTEMPTS {
+            let total = code.total() as usize;
+            let d = data.clone();
+            let (stripe, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &d))
+                .await
+                .map_err(|e| StripeError::Internal(format!("encode task failed: {e}")))?
+                .map_err(|e| StripeError::Internal(e.to_string()))?;
+            let mut peers = self.live_peers_for(stripe, total).await?;
+            // A ring that is still converging (peers just joined) can show a short walk;
+            // give it a moment before writing narrower.
+            for _ in 0..NARROW_AFTER_RETRIES {
+                if peers.len() >= total {
+                    break;
+                }
+                tokio::time::sleep(PLACEMENT_RETRY_WAIT).await;
+                self.walks.lock().walks.clear();
+                peers = self.live_peers_for(stripe, total).await?;
             }
-            tokio::time::sleep(PLACEMENT_RETRY_WAIT).await;
-            peers = self.peers_for(stripe, total).await?;
+            if peers.len() < total {
+                let m = code.m as usize;
+                if peers.len() > m {
+                    let narrow = Code::new((peers.len() - m) as u8, code.m).map_err(StripeError::Internal)?;
+                    log::warn!("only {} live peers for a {code} stripe: writing {narrow} (still {m} losses survivable)", peers.len());
+                    *self.narrowed.lock() = Some((narrow, Instant::now() + NARROWED_FOR));
+                    code = narrow;
+                    continue;
+                }
+                return Err(StripeError::TooFewPeers { have: peers.len(), code });
+            }
+            let quorum = if code == self.code { self.write_quorum.clamp(code.k as usize, total) } else { default_quorum(code) };
+            match self.put_shards(stripe, code, shards, peers, quorum).await {
+                Ok(()) => return Ok(stripe),
+                Err(e) => {
+                    log::info!("stripe {}: {e}; retrying with a fresh walk", stripe.to_hex());
+                    self.walks.lock().walks.clear();
+                    last = Some(e);
+                }
+            }
+            attempt += 1;
         }
-        if peers.len() < total {
-            return Err(StripeError::TooFewPeers { have: peers.len(), code });
-        }
+        Err(last.unwrap_or_else(|| StripeError::Internal("no write attempt made".into())))
+    }
+
+    /// Sends each shard to its peer; Ok once `quorum` are durable (stragglers get a
+    /// little longer so the stripe is usually complete).
+    async fn put_shards(&self, stripe: Id, code: Code, shards: Vec<Shard>, peers: Vec<NetAddr>, quorum: usize) -> Result<(), StripeError> {
+        let total = code.total() as usize;
         let (tx, mut rx) = tokio::sync::mpsc::channel(total);
         for (shard, peer) in shards.into_iter().zip(peers) {
             let net = self.net.clone();
@@ -211,6 +264,7 @@ impl StripeClient {
                 Err(e) => {
                     failed += 1;
                     log::warn!("stripe {}: shard {index} to {peer}: {e}", stripe.to_hex());
+                    self.net.suspect(&peer);
                     why = format!("shard {index} on {peer}: {e}");
                 }
             }
@@ -224,7 +278,7 @@ impl StripeClient {
         if ok < quorum {
             return Err(StripeError::WriteFailed { stripe: stripe.to_hex(), stored: ok, total, quorum, why });
         }
-        Ok(stripe)
+        Ok(())
     }
 
     /// Reads a stripe back. `len` is its length when the caller knows it (from a

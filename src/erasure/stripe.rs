@@ -16,8 +16,11 @@ use crate::blockstore::BlockKey;
 use crate::ring::Id;
 use sha1::{Digest, Sha1};
 
-/// Largest stripe: k shards of at most this many bytes.
-pub const MAX_SHARD_BYTES: usize = 1 << 20;
+/// Files are cut into stripes of k shards of this many bytes.
+pub const SHARD_BYTES: usize = 1 << 20;
+/// Largest shard accepted: a stripe cut for k shards may be written with a narrower
+/// code while peers are down (see `StripeClient::write_stripe`), so its shards grow.
+pub const MAX_SHARD_BYTES: usize = 8 << 20;
 const META_TAG: u8 = b'S';
 const META_VERSION: u8 = 1;
 pub const META_LEN: usize = 52;

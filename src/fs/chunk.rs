@@ -6,7 +6,7 @@
 
 use super::error::{FsError, FsResult};
 use crate::erasure::client::StripeClient;
-use crate::erasure::stripe::MAX_SHARD_BYTES;
+use crate::erasure::stripe::SHARD_BYTES;
 use crate::ring::Id;
 use parking_lot::Mutex;
 use rand::RngCore;
@@ -20,7 +20,7 @@ pub const HEADER: usize = 16;
 /// Bytes of file per chunk for a code with `k` data shards: a stripe's worth, less room
 /// for the header (and, later, an authentication tag).
 pub fn chunk_bytes_for(k: u8) -> usize {
-    k as usize * MAX_SHARD_BYTES - 64
+    k as usize * SHARD_BYTES - 64
 }
 
 pub fn seal(data: &[u8]) -> Vec<u8> {
@@ -191,6 +191,6 @@ mod tests {
         let mut bad = s;
         bad[0] ^= 1;
         assert!(unseal(bad, d.len()).is_err());
-        assert!(chunk_bytes_for(4) + 64 == 4 * MAX_SHARD_BYTES);
+        assert!(chunk_bytes_for(4) + 64 == 4 * SHARD_BYTES);
     }
 }
