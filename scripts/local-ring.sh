@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # local-ring.sh — build MutualStore and run a ring of N peers on 127.0.0.1.
 #
-#   scripts/local-ring.sh up [N]      build (release), start N peers (default 6), wait until
-#                                     every one is alive, print where things are
+#   scripts/local-ring.sh up [N] [MOUNTPOINT]
+#                                     build (release), start N peers (default 6), wait until
+#                                     every one is alive, mount the ring at MOUNTPOINT
+#                                     (created if missing; default /mnt/mutual), print how
+#                                     to use and stop it
 #   scripts/local-ring.sh status      the ring's status table
-#   scripts/local-ring.sh down        stop the peers (SIGTERM: they leave the ring cleanly)
+#   scripts/local-ring.sh down        unmount, stop the peers (SIGTERM: they leave the ring
+#                                     cleanly)
 #
 # Environment: MS_RING_DIR (default /tmp/mutualstore-ring) holds each peer's data
 # directory, log and pid; MS_BASE_PORT (default 7001) is the first peer's port;
@@ -25,9 +29,9 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 up() {
   local n=${1:-6}
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 64 ] || die "N must be 1..64, got '$n'"
-  if [ -n "${2:-}" ]; then
-    echo "local-ring: mounting is not available yet (the filesystem lands with the FUSE issue); starting peers only" >&2
-  fi
+  local mnt=${2:-/mnt/mutual}
+  [ -e /dev/fuse ] || die "no /dev/fuse: FUSE is not available here (modprobe fuse)"
+  command -v fusermount3 >/dev/null || command -v fusermount >/dev/null || die "fusermount3 not found: install fuse3 (apt-get install -y fuse3)"
   [ -f "$DIR/pids" ] && die "a ring is already running from $DIR (scripts/local-ring.sh down first)"
   command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
   echo "building (cargo build --release)..."
@@ -50,14 +54,19 @@ up() {
   done
   sleep 2  # a couple of maintenance rounds so predecessors (and shares) settle
   "$BIN" status --join "$first"
+  mkdir -p "$mnt" || { down >/dev/null 2>&1 || true; die "cannot create mountpoint $mnt"; }
+  "$BIN" mount "$mnt" --join "$first" --log-file "$DIR/mount.log" || { down >/dev/null 2>&1 || true; die "mount at $mnt failed (log: $DIR/mount.log)"; }
+  echo "$mnt" >"$DIR/mountpoint"
   cat <<MSG
 
-A ring of $n peers is running on 127.0.0.1:$BASE..$((BASE + n - 1)); data and logs in $DIR.
+A ring of $n peers is running on 127.0.0.1:$BASE..$((BASE + n - 1)), mounted at $mnt; data and logs in $DIR.
+  use it:         cp -r ~/photos $mnt/ ; ls $mnt ; df -h $mnt
+  another mount:  $BIN mount /some/dir --join $first
   store a file:   $BIN put FILE --join $first          (prints a handle)
   fetch it:       $BIN get HANDLE -o OUT --join $first
   look at it:     $BIN status --join $first
   drain a peer:   $BIN leave --join 127.0.0.1:$((BASE + 1))   (moves its shards away, then it exits)
-  stop it:        scripts/local-ring.sh down
+  stop it:        scripts/local-ring.sh down     (unmounts, then stops the peers)
 MSG
 }
 
@@ -72,6 +81,13 @@ wait_alive() {
 }
 
 down() {
+  if [ -f "$DIR/mountpoint" ]; then
+    local mnt; mnt=$(cat "$DIR/mountpoint")
+    if mountpoint -q "$mnt" 2>/dev/null; then
+      fusermount3 -u "$mnt" 2>/dev/null || fusermount -u "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || echo "local-ring: could not unmount $mnt" >&2
+    fi
+    rm -f "$DIR/mountpoint"
+  fi
   [ -f "$DIR/pids" ] || { echo "no ring running from $DIR"; return 0; }
   while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done <"$DIR/pids"
   for _ in $(seq 1 50); do
@@ -89,5 +105,5 @@ case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
   status) "$BIN" status --join "127.0.0.1:$BASE" ;;
-  *) echo "usage: $0 up [N] | status | down" >&2; exit 2 ;;
+  *) echo "usage: $0 up [N] [MOUNTPOINT] | status | down" >&2; exit 2 ;;
 esac
