@@ -114,3 +114,4 @@ pub async fn wait_converged(peers: &[&RunningPeer], max: Duration) -> (usize, us
     }
 }
 pub mod procs;
+pub mod mount;
