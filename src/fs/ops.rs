@@ -513,7 +513,12 @@ impl Fs {
             st.attrs.merge(&changes);
             st.attrs_changed = true;
             st.inode.ctime_ns = inode::now_ns();
-            self.publish(ino, &mut st, false).await?;
+            // A truncate through an open file (O_TRUNC, ftruncate) is published with
+            // the writes that follow it, at close: other mounts see the old content or
+            // the new, never the empty file in between.
+            if size.is_none() {
+                self.publish(ino, &mut st, false).await?;
+            }
             return Ok(Arc::new(st.inode.clone()));
         }
         if let Some(s) = size {

@@ -149,6 +149,9 @@ impl RecordClient {
             match r {
                 Ok(CasOutcome::Done(v)) => return Ok(Swap::Done(v)),
                 Ok(CasOutcome::Conflict(cur)) => {
+                    if cur.version == 0 && expected > 0 {
+                        log::warn!("record {}: primary {} of {set:?} has never seen it (we expected version {expected})", key.to_hex(), set[0]);
+                    }
                     // A retry may find the write an earlier attempt left behind.
                     if tried && cur.version == expected + 1 && cur.deleted == deleted && cur.data == data {
                         return Ok(Swap::Done(cur.version));
