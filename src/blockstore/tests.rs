@@ -204,7 +204,7 @@ fn crash_before_commit_leaves_block_absent_and_space_free() {
     let dir = tempfile::tempdir().unwrap();
     let img = DiskImage::open(dir.path(), 4 * MIB).unwrap();
     img.put(&key(1), b"", &pattern(1, 10)).unwrap();
-    let res = img.reserve(units_for(50_000)).unwrap();
+    let res = img.reserve(units_for(50_000), true).unwrap();
     // Data written and synced, header never written: then "kill -9".
     img.file
         .write_all_at(&pattern(2, 50_000), res.unit * UNIT + HEADER_LEN as u64)
@@ -224,7 +224,7 @@ fn crash_after_commit_before_free_keeps_newest_and_never_resurrects() {
     img.put(&key(2), b"", &pattern(2, 10)).unwrap();
     // New version committed on disk, process dies before install/free.
     let data = pattern(2, 300);
-    let res = img.reserve(units_for(data.len())).unwrap();
+    let res = img.reserve(units_for(data.len()), true).unwrap();
     let h = Header::block(&key(1), b"new", data.len(), crc32c::crc32c(&data), res.seq);
     img.write_record(&res, &h, &data).unwrap();
     let img = reopen(img, dir.path());
@@ -316,12 +316,12 @@ fn overlapping_puts_of_one_key_keep_the_later_reservation() {
         img.write_record(res, &h, data).unwrap();
     };
     let (d1, d2) = (pattern(1, 5000), pattern(2, 9000));
-    let early = img.reserve(units_for(d1.len())).unwrap();
-    let late = img.reserve(units_for(d2.len())).unwrap();
+    let early = img.reserve(units_for(d1.len()), true).unwrap();
+    let late = img.reserve(units_for(d2.len()), true).unwrap();
     write(&late, b"late", &d2);
-    img.install(&key(1), &late, d2.len());
+    img.install(&key(1), &late, d2.len(), true);
     write(&early, b"early", &d1);
-    img.install(&key(1), &early, d1.len());
+    img.install(&key(1), &early, d1.len(), true);
     assert_eq!(img.get(&key(1)).unwrap().unwrap().meta, b"late");
     assert_eq!(img.used_bytes(), units_for(d2.len()) * UNIT);
     assert_accounting(&img);
@@ -480,4 +480,24 @@ proptest! {
         img.put(&key(999), b"", &pattern(999, 3000)).unwrap();
         prop_assert_eq!(img.get(&key(999)).unwrap().unwrap().data, pattern(999, 3000));
     }
+}
+
+#[test]
+fn unsynced_puts_read_back_survive_reopen_and_mix_with_durable_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = DiskImage::open(dir.path(), 8 * MIB).unwrap();
+    for v in 0..20u32 {
+        // Replacing one key again and again, as metadata records are.
+        img.put_unsynced(&key(1), &v.to_be_bytes(), &pattern(v, 3000 + v as usize)).unwrap();
+        img.put_unsynced(&key(100 + v), b"", &pattern(v, 100)).unwrap();
+    }
+    img.put(&key(2), b"durable", &pattern(7, 9000)).unwrap();
+    img.sync_now().unwrap();
+    assert_eq!(img.get(&key(1)).unwrap().unwrap().meta, 19u32.to_be_bytes());
+    assert_accounting(&img);
+    let img = reopen(img, dir.path());
+    assert_eq!(img.get(&key(1)).unwrap().unwrap(), Block { meta: 19u32.to_be_bytes().to_vec(), data: pattern(19, 3019) });
+    assert_eq!(img.get(&key(2)).unwrap().unwrap().data, pattern(7, 9000));
+    assert_eq!(img.len(), 22);
+    assert_accounting(&img);
 }
