@@ -177,9 +177,10 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     }
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
     let store = Arc::new(store);
+    let node = Arc::new(Mutex::new(node));
     let state = Arc::new(PeerState {
-        node: Arc::new(Mutex::new(node)),
-        records: crate::meta::store::RecordStore::new(store.clone(), net.clone(), addr.clone()),
+        records: crate::meta::store::RecordStore::new(node.clone(), store.clone(), net.clone(), addr.clone()),
+        node,
         store,
         started: Instant::now(),
         code,

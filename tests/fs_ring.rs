@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Six peers, 4+2, mounted at once: the ring is still settling, which is the harder case
+/// for metadata (clients' and peers' views of who owns a key differ for a moment).
 fn ring6(root: &Path) -> ProcRing {
     ProcRing::start(&root.join("ring"), 6, "4+2", "1GiB", 600.0)
 }

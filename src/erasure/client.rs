@@ -172,6 +172,11 @@ impl StripeClient {
         Ok(peers)
     }
 
+    /// Drops cached ring walks: the next placement walks the ring afresh.
+    pub fn forget_walks(&self) {
+        self.walks.lock().walks.clear();
+    }
+
     /// The first `n` distinct peers for `key`, without peers that just failed us.
     async fn live_peers_for(&self, key: Id, n: usize) -> Result<Vec<NetAddr>, StripeError> {
         let suspects = self.net.suspected();

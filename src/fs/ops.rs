@@ -271,8 +271,9 @@ impl Fs {
             if !d.is_dir() {
                 return Err(FsError::NotDir);
             }
-            if d.find(&nm).is_some() {
-                return Err(FsError::Exists);
+            if let Some(e) = d.find(&nm) {
+                // Our own entry: an earlier attempt of this CAS landed after all.
+                return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
             }
             d.insert(DirEntry { name: nm.clone(), ino, kind });
             d.touch(true);
@@ -571,12 +572,15 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
-        let mut removed = None;
+        let mut removed: Option<DirEntry> = None;
         self.modify(parent, |d| {
             if !d.is_dir() {
                 return Err(FsError::NotDir);
             }
-            let e = d.find(name).ok_or(FsError::NotFound)?;
+            let Some(e) = d.find(name) else {
+                // Gone: by an earlier attempt of ours that landed, or by someone else.
+                return if removed.is_some() { Ok(false) } else { Err(FsError::NotFound) };
+            };
             if e.kind == Kind::Dir as u32 {
                 return Err(FsError::IsDir);
             }
@@ -681,6 +685,10 @@ impl Fs {
         };
         if parent == newparent {
             self.modify(parent, |d| {
+                if d.find(name).is_none() && d.find(newname).is_some_and(|t| t.ino == src.ino) {
+                    // An earlier attempt of ours landed.
+                    return Ok(false);
+                }
                 let cur = d.find(name).ok_or(FsError::NotFound)?;
                 if cur.ino != src.ino {
                     return Err(FsError::NotFound);
@@ -696,6 +704,9 @@ impl Fs {
             self.modify(newparent, |d| {
                 if !d.is_dir() {
                     return Err(FsError::NotDir);
+                }
+                if d.find(newname).is_some_and(|t| t.ino == src.ino) {
+                    return Ok(false);
                 }
                 check_target(d, &None)?;
                 replaced = d.insert(moved.clone());
@@ -760,8 +771,8 @@ impl Fs {
                 if !d.is_dir() {
                     return Err(FsError::NotDir);
                 }
-                if d.find(&nm).is_some() {
-                    return Err(FsError::Exists);
+                if let Some(e) = d.find(&nm) {
+                    return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
                 }
                 d.insert(DirEntry { name: nm.clone(), ino, kind });
                 d.touch(true);

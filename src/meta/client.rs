@@ -9,9 +9,9 @@ use futures_util::future::join_all;
 use std::time::Duration;
 
 /// Attempts of one CAS or read before it is reported as unavailable; the pauses between
-/// them give the ring time to notice a dead peer.
-const ATTEMPTS: usize = 5;
-const BACKOFF: Duration = Duration::from_millis(150);
+/// them (growing, about 10 s in all) give the ring time to drop a dead peer.
+const ATTEMPTS: usize = 10;
+const BACKOFF: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -42,18 +42,16 @@ impl RecordClient {
         RecordClient { stripes, replicas }
     }
 
-    /// The peers that hold `key`, primary first, without peers that recently failed us.
+    /// The peers that hold `key`, primary first: the first R distinct peers of the ring
+    /// walk from the key, as every client sees it. Not filtered by this client's own
+    /// failure suspicions: two clients must agree on the primary, so a dead primary is
+    /// waited out (retries) until the ring drops it.
     async fn replica_set(&self, key: Id) -> Result<Vec<NetAddr>, MetaError> {
-        let walk = self
+        let set = self
             .stripes
-            .peers_for(key, self.replicas + 2)
+            .peers_for(key, self.replicas)
             .await
             .map_err(|e| MetaError::Unavailable { key: key.to_hex(), why: e.to_string() })?;
-        let suspects = self.stripes.net.suspected();
-        let mut set: Vec<NetAddr> = walk.iter().filter(|a| !suspects.contains(a)).take(self.replicas).cloned().collect();
-        if set.is_empty() {
-            set = walk.into_iter().take(self.replicas).collect();
-        }
         if set.is_empty() {
             return Err(MetaError::Unavailable { key: key.to_hex(), why: "no peer found for it".into() });
         }
@@ -70,7 +68,8 @@ impl RecordClient {
         let mut why = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(BACKOFF * attempt as u32).await;
+                tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
+                self.stripes.forget_walks();
             }
             let set = self.replica_set(key).await?;
             let net = &self.stripes.net;
@@ -138,14 +137,12 @@ impl RecordClient {
         let mut tried = false;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(BACKOFF * attempt as u32).await;
+                tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
+                self.stripes.forget_walks();
             }
-            let t0 = std::time::Instant::now();
             let set = self.replica_set(key).await?;
-            let t1 = t0.elapsed();
             let net = &self.stripes.net;
             let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable).await;
-            log::debug!("cas {}: walk {:?} cas {:?}", key.to_hex(), t1, t0.elapsed() - t1);
             match r {
                 Ok(CasOutcome::Done(v)) => return Ok(Swap::Done(v)),
                 Ok(CasOutcome::Conflict(cur)) => {
@@ -159,6 +156,7 @@ impl RecordClient {
                     return Ok(Swap::Conflict(cur));
                 }
                 Ok(CasOutcome::Partial { failed, .. }) => {
+                    log::info!("record {}: CAS at {} missed replicas {failed:?}; retrying", key.to_hex(), set[0]);
                     tried = true;
                     why = format!("replicas {failed:?} did not take the write");
                     for a in &failed {
@@ -166,7 +164,13 @@ impl RecordClient {
                     }
                 }
                 Err(NetError::Refused(m)) if m.contains("disk image full") => return Err(MetaError::Full(m)),
+                Err(NetError::Refused(m)) if m.contains("does not own record") => {
+                    // Our walk and the peer's view disagree: walk again after a pause.
+                    log::debug!("{m}; walking the ring again");
+                    why = m;
+                }
                 Err(e) => {
+                    log::info!("record {}: CAS at {} failed: {e}; retrying", key.to_hex(), set[0]);
                     tried = true;
                     why = e.to_string();
                     net.suspect(&set[0]);

@@ -3,7 +3,7 @@
 
 use super::{decode_meta, encode_meta, CasOutcome, Fetched, Record};
 use crate::blockstore::{DiskImage, StoreError};
-use crate::ring::Id;
+use crate::ring::{Id, Node};
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
 use futures_util::future::join_all;
@@ -18,6 +18,8 @@ const LOCKS: usize = 64;
 /// wrote or read from them. Only a change of primary (a join or failure next to the
 /// key) can make that untrue, and the ring takes longer than this to settle one.
 const AUTHORITY: Duration = Duration::from_millis(1000);
+/// How long a CAS waits for the last replicas once enough have answered.
+const STRAGGLER_WAIT: Duration = Duration::from_millis(100);
 /// Lazy record writes reach the disk within this long (group commit).
 pub const SYNC_EVERY: Duration = Duration::from_secs(1);
 
@@ -29,9 +31,14 @@ pub enum RecordError {
     NotARecord(String),
     #[error("disk task failed: {0}")]
     Task(String),
+    /// Asked to act as primary for a key another peer owns (by this peer's view): the
+    /// writer's view of the ring is outdated, or the ring is still settling.
+    #[error("{me} does not own record {key}")]
+    NotOwner { me: String, key: String },
 }
 
 pub struct RecordStore {
+    node: Arc<Mutex<Node<NetAddr>>>,
     store: Arc<DiskImage>,
     net: Arc<GrpcNet>,
     me: NetAddr,
@@ -41,8 +48,8 @@ pub struct RecordStore {
 }
 
 impl RecordStore {
-    pub fn new(store: Arc<DiskImage>, net: Arc<GrpcNet>, me: NetAddr) -> RecordStore {
-        RecordStore { store, net, me, locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(), authority: Mutex::new(HashMap::new()) }
+    pub fn new(node: Arc<Mutex<Node<NetAddr>>>, store: Arc<DiskImage>, net: Arc<GrpcNet>, me: NetAddr) -> RecordStore {
+        RecordStore { node, store, net, me, locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(), authority: Mutex::new(HashMap::new()) }
     }
 
     fn vouch(&self, key: Id, version: u64) {
@@ -53,8 +60,11 @@ impl RecordStore {
         a.insert(key, (version, Instant::now()));
     }
 
+    /// Whether this primary may skip asking the replicas: it wrote or checked this very
+    /// version lately, and it still owns the key by its own view of the ring (a client
+    /// with an outdated view may have sent writes for the key to someone else).
     fn vouched(&self, key: Id, version: u64) -> bool {
-        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY)
+        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY) && self.node.lock().owns(key)
     }
 
     /// Puts lazy writes on disk (run every SYNC_EVERY by the peer).
@@ -116,10 +126,13 @@ impl RecordStore {
     /// `replicas` is `expected`, writes `expected + 1` everywhere.
     pub async fn cas(&self, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: Vec<NetAddr>, durable: bool) -> Result<CasOutcome, RecordError> {
         let replicas: Vec<NetAddr> = replicas.into_iter().filter(|a| *a != self.me).collect();
-        let t0 = Instant::now();
+        // One primary per key: the owner by its own view. Two writers with different
+        // views of the ring would otherwise have two primaries accept conflicting writes.
+        if !self.node.lock().owns(key) {
+            return Err(RecordError::NotOwner { me: self.me.to_string(), key: key.to_hex() });
+        }
         let _g = self.lock_for(key).lock().await;
         let mut current = self.local(key).await?;
-        let t1 = t0.elapsed();
         let known = current.version;
         // A write to a record nobody has (a new inode under a fresh random number) has
         // nobody to be behind; the replicas would say so if they held something.
@@ -150,34 +163,51 @@ impl RecordStore {
             return Ok(CasOutcome::Conflict(current));
         }
         let rec = Record { version: expected + 1, deleted, data: if deleted { Vec::new() } else { data } };
-        let local = self.put_locked(key, rec.clone(), durable);
-        let remote = join_all(replicas.iter().map(|a| {
-            let net = self.net.clone();
-            let a = a.clone();
-            let rec = rec.clone();
-            async move { net.put_record(&a, key, &rec, durable).await }
-        }));
-        let t2 = t0.elapsed();
-        let (local, results) = tokio::join!(local, remote);
-        local?;
-        log::debug!("cas {}: lock+local {t1:?} consult {:?} write {:?}", key.to_hex(), t2 - t1, t0.elapsed() - t2);
-        let mut failed = Vec::new();
-        for (a, r) in replicas.iter().zip(results) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
+        for a in &replicas {
+            let (net, a, rec, tx) = (self.net.clone(), a.clone(), rec.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = net.put_record(&a, key, &rec, durable).await;
+                let _ = tx.send((a, r)).await;
+            });
+        }
+        drop(tx);
+        self.put_locked(key, rec.clone(), durable).await?;
+        // Acknowledged once all but one of the copies are written (all of them when
+        // there are only two), so one slow or dead replica costs a write nothing; it
+        // catches up by read repair or the next write.
+        let copies = replicas.len() + 1;
+        let need = if copies >= 3 { copies - 2 } else { copies - 1 };
+        let (mut ok, mut ahead, mut failed) = (0usize, false, Vec::new());
+        let mut until: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match until {
+                None => rx.recv().await,
+                Some(t) => match tokio::time::timeout_at(t, rx.recv()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+            };
+            let Some((a, r)) = next else { break };
             match r {
-                Ok(v) if v == rec.version => {}
+                Ok(v) if v == rec.version => ok += 1,
                 Ok(v) => {
                     // Ahead of us: another primary wrote. The writer's retry consults
                     // the replicas and sees it.
                     log::warn!("record {}: replica {a} holds version {v}, newer than {}", key.to_hex(), rec.version);
-                    failed.push(a.clone());
+                    ahead = true;
+                    failed.push(a);
                 }
                 Err(e) => {
                     log::info!("record {}: replica {a} failed: {e}", key.to_hex());
-                    failed.push(a.clone());
+                    failed.push(a);
                 }
             }
+            if ok >= need && until.is_none() {
+                until = Some(tokio::time::Instant::now() + STRAGGLER_WAIT);
+            }
         }
-        if !failed.is_empty() {
+        if ahead || ok < need {
             self.authority.lock().remove(&key);
             return Ok(CasOutcome::Partial { version: rec.version, failed });
         }

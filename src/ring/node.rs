@@ -223,6 +223,11 @@ impl<A: Addr> Node<A> {
         Some(&self.vnodes[i % self.vnodes.len()])
     }
 
+    /// Whether, by this peer's own view, one of its vnodes owns `key` (key in (pred, v]).
+    pub fn owns(&self, key: Id) -> bool {
+        self.own_successor(key).and_then(|s| s.pred.as_ref().map(|p| key.in_open_closed(p.id, s.id))).unwrap_or(false)
+    }
+
     /// One routing step for `key`: either the owner (if this peer can tell) or the
     /// closest preceding contacts it knows, best first, for the caller to ask next.
     pub fn route(&self, key: Id) -> Route<A> {

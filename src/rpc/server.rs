@@ -47,6 +47,7 @@ pub fn record_status(e: RecordError) -> Status {
         RecordError::Store(e) => store_status(e),
         RecordError::NotARecord(_) => Status::failed_precondition(e.to_string()),
         RecordError::Task(_) => Status::internal(e.to_string()),
+        RecordError::NotOwner { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 

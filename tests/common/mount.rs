@@ -42,7 +42,7 @@ impl Mount {
             .arg(dir)
             .args(["--join", join, "--foreground", "--reclaim-delay-s", "1"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("MS_TEST_MOUNT_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
@@ -120,7 +120,7 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
             eprintln!("--- last lines of {} ---", self.log.display());
             for l in tail.iter().rev() {
                 eprintln!("{l}");

@@ -1,0 +1,106 @@
+//! Metadata records on real gRPC peers on 127.0.0.1: compare-and-swap serialises
+//! writers (no lost update), readers get the newest version, tombstones stay, and a
+//! dead replica is routed around.
+
+mod common;
+
+use common::*;
+use mutualstore::erasure::client::StripeClient;
+use mutualstore::meta::client::{RecordClient, Swap};
+use mutualstore::ring::Id;
+use mutualstore::rpc::client::GrpcNet;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn client(start: &mutualstore::rpc::NetAddr) -> RecordClient {
+    let net = Arc::new(GrpcNet::for_client());
+    let (_, code) = net.hello(start, "").await.unwrap();
+    RecordClient::new(StripeClient::new(net, vec![start.clone()], code))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_serialises_writers_and_tombstones_stay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peers = start_ring(tmp.path(), 4, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    wait_converged(&refs, Duration::from_secs(20)).await;
+    let c = client(&peers[0].addr).await;
+    let k = Id::sha1(b"record under test");
+
+    assert_eq!(c.get(k).await.unwrap().version, 0);
+    assert_eq!(c.cas(k, 0, Some(b"a".to_vec())).await.unwrap(), Swap::Done(1));
+    match c.cas(k, 0, Some(b"b".to_vec())).await.unwrap() {
+        Swap::Conflict(r) => assert_eq!((r.version, r.data.as_slice()), (1, b"a".as_slice())),
+        other => panic!("a stale CAS succeeded: {other:?}"),
+    }
+    assert_eq!(c.cas(k, 1, Some(b"b".to_vec())).await.unwrap(), Swap::Done(2));
+    // Another client, through another peer, reads the newest.
+    let c2 = client(&peers[2].addr).await;
+    let r = c2.get(k).await.unwrap();
+    assert_eq!((r.version, r.data.as_slice()), (2, b"b".as_slice()));
+
+    // Eight writers, each adding 1 twenty times through a read-CAS loop: no update lost.
+    let counter = Id::sha1(b"counter");
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let c = client(&peers[w % peers.len()].addr).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                let mut cur = c.get(counter).await.unwrap();
+                loop {
+                    let n: u64 = if cur.version == 0 { 0 } else { String::from_utf8(cur.data.clone()).unwrap().parse().unwrap() };
+                    match c.cas(counter, cur.version, Some((n + 1).to_string().into_bytes())).await.unwrap() {
+                        Swap::Done(_) => break,
+                        Swap::Conflict(r) => cur = r,
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let r = c.get(counter).await.unwrap();
+    assert_eq!(String::from_utf8(r.data).unwrap(), "160");
+    assert_eq!(r.version, 160);
+
+    // A tombstone keeps its version: an old writer cannot bring the record back.
+    assert_eq!(c.cas(k, 2, None).await.unwrap(), Swap::Done(3));
+    let r = c2.get(k).await.unwrap();
+    assert!(r.deleted && r.version == 3 && !r.exists());
+    assert!(matches!(c.cas(k, 0, Some(b"zombie".to_vec())).await.unwrap(), Swap::Conflict(_)));
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_reads_go_on_with_a_replica_dead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(tmp.path(), 4, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    wait_converged(&refs, Duration::from_secs(20)).await;
+    let c = client(&peers[0].addr).await;
+    // A key whose replica set does not include the peer the client talks to.
+    let mut k = Id::sha1(b"k0");
+    let mut n = 0u32;
+    let victim = loop {
+        let set = c.stripes.peers_for(k, c.replicas).await.unwrap();
+        if !set.contains(&peers[0].addr) {
+            break set[0].clone();
+        }
+        n += 1;
+        k = Id::sha1(format!("k{n}").as_bytes());
+    };
+    assert_eq!(c.cas(k, 0, Some(b"v1".to_vec())).await.unwrap(), Swap::Done(1));
+    let i = peers.iter().position(|p| p.addr == victim).unwrap();
+    peers.remove(i).stop_abruptly().await;
+    // The primary is gone: the write goes on through the next replica, bounded in time.
+    let r = tokio::time::timeout(Duration::from_secs(30), c.cas(k, 1, Some(b"v2".to_vec()))).await.expect("CAS hangs with a replica dead");
+    assert_eq!(r.unwrap(), Swap::Done(2));
+    let r = c.get(k).await.unwrap();
+    assert_eq!((r.version, r.data.as_slice()), (2, b"v2".as_slice()));
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
