@@ -104,3 +104,38 @@ async fn writes_and_reads_go_on_with_a_replica_dead() {
         p.stop_abruptly().await;
     }
 }
+
+/// One primary per key: once the ring has converged, a client's walk and every peer's own
+/// routing name the same owner for every key, the oracle's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_peers_agree_on_every_keys_primary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peers = start_ring(tmp.path(), 3, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await, (0, 0));
+    let o = oracle(&refs);
+    let c = client(&peers[0].addr).await;
+    let mut bad = Vec::new();
+    for i in 0..500u32 {
+        let k = Id::sha1(&i.to_be_bytes());
+        let truth = o[&successor_of(&o, k)].clone();
+        let walk = c.stripes.peers_for(k, 2).await.unwrap();
+        if walk[0] != truth {
+            let w = mutualstore::ring::driver::walk_from(&*c.stripes.net, vec![peers[0].addr.clone()], k, 2).await.unwrap();
+            let near: Vec<String> = o.range(k..).take(4).map(|(id, a)| format!("{} {a}", &id.to_hex()[..8])).collect();
+            let ws: Vec<String> = w.iter().take(4).map(|c| format!("{} {}", &c.id.to_hex()[..8], c.addr)).collect();
+            bad.push(format!("key {k}: client walk says {}, oracle {truth}; fresh walk {ws:?}; oracle {near:?}", walk[0]));
+        }
+        for p in &peers {
+            if let Some(owner) = p.state.node.lock().owner_of(k) {
+                if owner != truth {
+                    bad.push(format!("key {k}: peer {} says {owner}, oracle {truth}", p.addr));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{} disagreements, e.g.:\n{}", bad.len(), bad.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}

@@ -72,9 +72,8 @@ const NARROW_AFTER_RETRIES: usize = 10;
 /// Whole-stripe write attempts (each with a fresh walk that avoids peers that failed).
 const WRITE_ATTEMPTS: usize = 3;
 
-/// Recent walks of the ring. A walk from key S is a contiguous run of vnodes with none
-/// in [S, first), so any key in [S, last] can be placed from it without a lookup. For a
-/// small ring a handful of walks cover it all; entries expire so joins and leaves show.
+/// Recent walks of the ring. A walk from key S starts at the owner of S, so any key in
+/// [S, first] has the same first peers. Entries expire so joins and leaves show.
 #[derive(Default)]
 struct WalkCache {
     walks: Vec<(Id, Vec<Contact<NetAddr>>, Instant)>,
@@ -84,23 +83,19 @@ const WALK_CACHE_TTL: Duration = Duration::from_secs(5);
 const WALK_CACHE_LEN: usize = 64;
 
 impl WalkCache {
+    /// Serves keys that the walk's first vnode owns, (from, first]: that vnode's owner
+    /// was found by a lookup, which ends at the peer whose own view says so. Later
+    /// entries come from successor lists, whose deeper entries can lag behind a join for
+    /// a few rounds; trusting them for other keys made two clients disagree on a key's
+    /// first peer, and so on a record's primary.
     fn peers_for(&mut self, key: Id, n: usize) -> Option<Vec<NetAddr>> {
         self.walks.retain(|(_, _, t)| t.elapsed() < WALK_CACHE_TTL);
         for (from, walk, _) in &self.walks {
-            let last = walk.last()?.id;
-            if !(key == *from || key.in_open_closed(*from, last)) {
+            let first = walk.first()?.id;
+            if !(key == *from || key.in_open_closed(*from, first)) {
                 continue;
             }
-            let mut prev = *from;
-            let mut start = None;
-            for (i, c) in walk.iter().enumerate() {
-                if key == prev || key.in_open_closed(prev, c.id) {
-                    start = Some(i);
-                    break;
-                }
-                prev = c.id;
-            }
-            let peers = distinct_peers(&walk[start?..], n);
+            let peers = distinct_peers(walk, n);
             if peers.len() >= n {
                 return Some(peers);
             }

@@ -12,6 +12,9 @@ use std::time::Duration;
 /// them (growing, about 10 s in all) give the ring time to drop a dead peer.
 const ATTEMPTS: usize = 10;
 const BACKOFF: Duration = Duration::from_millis(200);
+/// Refusals ("not the owner") after which a writer asks its primary to act anyway: views
+/// of a settling ring agree within a few rounds; longer disagreement must not stop writes.
+const INSIST_AFTER: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -135,6 +138,7 @@ impl RecordClient {
         let data = data.unwrap_or_default();
         let mut why = String::new();
         let mut tried = false;
+        let mut refusals = 0;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
@@ -142,7 +146,8 @@ impl RecordClient {
             }
             let set = self.replica_set(key).await?;
             let net = &self.stripes.net;
-            let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable).await;
+            let insist = refusals >= INSIST_AFTER;
+            let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable, insist).await;
             match r {
                 Ok(CasOutcome::Done(v)) => return Ok(Swap::Done(v)),
                 Ok(CasOutcome::Conflict(cur)) => {
@@ -165,8 +170,9 @@ impl RecordClient {
                 }
                 Err(NetError::Refused(m)) if m.contains("disk image full") => return Err(MetaError::Full(m)),
                 Err(NetError::Refused(m)) if m.contains("does not own record") => {
-                    // Our walk and the peer's view disagree: walk again after a pause.
+                    // Our walk and the peer's view disagree (one is behind): walk again.
                     log::debug!("{m}; walking the ring again");
+                    refusals += 1;
                     why = m;
                 }
                 Err(e) => {

@@ -31,8 +31,9 @@ pub enum RecordError {
     NotARecord(String),
     #[error("disk task failed: {0}")]
     Task(String),
-    /// Asked to act as primary for a key another peer owns (by this peer's view): the
-    /// writer's view of the ring is outdated, or the ring is still settling.
+    /// Asked to act as primary for a key that another peer owns by this peer's view: the
+    /// writer's view of the ring is behind, or the ring is settling. The writer walks
+    /// again; two primaries for one key could otherwise accept conflicting writes.
     #[error("{me} does not own record {key}")]
     NotOwner { me: String, key: String },
 }
@@ -61,10 +62,11 @@ impl RecordStore {
     }
 
     /// Whether this primary may skip asking the replicas: it wrote or checked this very
-    /// version lately, and it still owns the key by its own view of the ring (a client
-    /// with an outdated view may have sent writes for the key to someone else).
+    /// version lately, and it owns the key by its own view of the ring. A peer that is
+    /// primary only in some writer's (outdated) view always asks, so two writers with
+    /// different views cannot both skip the check that would show them each other.
     fn vouched(&self, key: Id, version: u64) -> bool {
-        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY) && self.node.lock().owns(key)
+        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY) && self.node.lock().owner_of(key).as_ref() == Some(&self.me)
     }
 
     /// Puts lazy writes on disk (run every SYNC_EVERY by the peer).
@@ -124,12 +126,11 @@ impl RecordStore {
 
     /// Compare-and-swap as the primary: if the newest version among this peer and
     /// `replicas` is `expected`, writes `expected + 1` everywhere.
-    pub async fn cas(&self, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: Vec<NetAddr>, durable: bool) -> Result<CasOutcome, RecordError> {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn cas(&self, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: Vec<NetAddr>, durable: bool, insist: bool) -> Result<CasOutcome, RecordError> {
         let replicas: Vec<NetAddr> = replicas.into_iter().filter(|a| *a != self.me).collect();
-        // One primary per key: the owner by its own view. Two writers with different
-        // views of the ring would otherwise have two primaries accept conflicting writes.
-        if !self.node.lock().owns(key) {
-            return Err(RecordError::NotOwner { me: self.me.to_string(), key: key.to_hex() });
+        if let Some(o) = self.node.lock().owner_of(key).filter(|o| *o != self.me && !insist) {
+            return Err(RecordError::NotOwner { me: self.me.to_string(), key: format!("{} (its owner is {o})", key.to_hex()) });
         }
         let _g = self.lock_for(key).lock().await;
         let mut current = self.local(key).await?;

@@ -223,9 +223,12 @@ impl<A: Addr> Node<A> {
         Some(&self.vnodes[i % self.vnodes.len()])
     }
 
-    /// Whether, by this peer's own view, one of its vnodes owns `key` (key in (pred, v]).
-    pub fn owns(&self, key: Id) -> bool {
-        self.own_successor(key).and_then(|s| s.pred.as_ref().map(|p| key.in_open_closed(p.id, s.id))).unwrap_or(false)
+    /// The peer that owns `key` by this peer's own view, if it can tell without asking.
+    pub fn owner_of(&self, key: Id) -> Option<A> {
+        match self.route(key) {
+            Route::Found { owner, .. } => Some(owner.addr),
+            Route::Next(_) => None,
+        }
     }
 
     /// One routing step for `key`: either the owner (if this peer can tell) or the

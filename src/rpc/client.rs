@@ -266,7 +266,7 @@ impl GrpcNet {
 
     /// Compare-and-swap at the record's primary `addr`, which replicates to `replicas`.
     #[allow(clippy::too_many_arguments)]
-    pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr], durable: bool) -> Result<CasOutcome, NetError> {
+    pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr], durable: bool, insist: bool) -> Result<CasOutcome, NetError> {
         let r = async {
             let mut c = self.client(addr, RECORD_CAS_TIMEOUT)?;
             let msg = pb::CasRecordRequest {
@@ -276,6 +276,7 @@ impl GrpcNet {
                 data,
                 replicas: replicas.iter().map(|a| a.to_string()).collect(),
                 durable,
+                insist,
             };
             let r = with_deadline(RECORD_CAS_TIMEOUT, c.cas_record(Self::request(msg, RECORD_CAS_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
             if r.ok {

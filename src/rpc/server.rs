@@ -347,7 +347,7 @@ impl Peer for PeerService {
             return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
         }
         let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
-        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas, r.durable).await.map_err(record_status)?;
+        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas, r.durable, r.insist).await.map_err(record_status)?;
         Ok(Response::new(match out {
             CasOutcome::Done(v) => pb::CasRecordResponse { ok: true, version: v, ..Default::default() },
             CasOutcome::Conflict(rec) => pb::CasRecordResponse { ok: false, version: rec.version, found: rec.version > 0, deleted: rec.deleted, data: rec.data, failed_replicas: vec![] },
