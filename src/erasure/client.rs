@@ -490,16 +490,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_walk_cache_places_keys_inside_a_walk_and_only_those() {
+    fn the_walk_cache_places_only_keys_its_first_vnode_owns() {
         let f = |x: f64| Id::from_fraction(x);
         let c = |x: f64, a: &str| Contact { id: f(x), addr: NetAddr::from(a) };
         let mut w = WalkCache::default();
         w.insert(f(0.10), vec![c(0.20, "a"), c(0.30, "b"), c(0.40, "a"), c(0.50, "c"), c(0.60, "d")]);
         let p = |v: &[&str]| v.iter().map(|s| NetAddr::from(*s)).collect::<Vec<_>>();
         assert_eq!(w.peers_for(f(0.15), 3), Some(p(&["a", "b", "c"])));
-        assert_eq!(w.peers_for(f(0.25), 3), Some(p(&["b", "a", "c"])));
-        assert_eq!(w.peers_for(f(0.45), 2), Some(p(&["c", "d"])));
-        assert_eq!(w.peers_for(f(0.45), 3), None, "not enough of the walk left");
+        assert_eq!(w.peers_for(f(0.20), 2), Some(p(&["a", "b"])));
+        assert_eq!(w.peers_for(f(0.15), 5), None, "not enough peers in the walk");
+        // Deeper entries come from successor lists that may lag a join: not trusted.
+        assert_eq!(w.peers_for(f(0.25), 1), None, "owned by a later vnode of the walk");
         assert_eq!(w.peers_for(f(0.05), 1), None, "before the walk's start");
         assert_eq!(w.peers_for(f(0.65), 1), None, "past the walk's end");
     }

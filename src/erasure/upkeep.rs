@@ -145,8 +145,14 @@ pub struct Upkeep {
     degraded_since: HashMap<Id, Instant>,
     totals: UpkeepReport,
     scrub_cursor: Option<BlockKey>,
+    /// Where the rolling check of metadata records resumes.
+    record_cursor: Option<BlockKey>,
     pacer: Pacer,
 }
+
+/// Metadata records checked per scan (each costs a walk per owner range and a read per
+/// replica), so a peer with many records still scans in bounded time.
+const RECORDS_PER_SCAN: usize = 512;
 
 /// A stripe's holder set and who holds what in it, plus what the next few peers past the
 /// set hold (shards wait there while a join or leave is being rebalanced).
@@ -177,7 +183,7 @@ const SPARES: usize = 2;
 impl Upkeep {
     pub fn new(state: Arc<PeerState>, net: Arc<GrpcNet>, me: NetAddr, cfg: UpkeepConfig) -> Upkeep {
         let pacer = Pacer { rate: cfg.rate_bytes_per_sec, next_free: tokio::time::Instant::now() };
-        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, pacer }
+        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, record_cursor: None, pacer }
     }
 
     async fn local(&self) -> (Vec<LocalStripe>, Vec<BlockKey>) {
@@ -321,6 +327,7 @@ impl Upkeep {
             }
         }
         self.degraded_since.retain(|id, _| still_degraded.contains(id));
+        self.records().await;
         self.scrub().await;
         self.totals.scans += 1;
         report.scans = self.totals.scans;
@@ -332,6 +339,60 @@ impl Upkeep {
         report.repair_bytes_per_sec = (self.totals.repaired_bytes - repaired_before) as f64 / secs;
         *self.state.upkeep.lock() = report.clone();
         report
+    }
+
+    /// Re-replicates metadata records: each record this peer holds is pushed to the
+    /// members of its replica set (the first m+1 distinct peers of its walk) that lack it
+    /// or hold an older version, so records regain m+1 copies after peers are lost.
+    async fn records(&mut self) {
+        let store = self.state.store.clone();
+        let after = self.record_cursor;
+        let keys: Vec<BlockKey> = tokio::task::spawn_blocking(move || {
+            let mut keys: Vec<BlockKey> = store.keys().into_iter().filter(|k| store.meta(k).ok().flatten().is_some_and(|m| crate::meta::decode_meta(&m).is_some())).collect();
+            keys.sort();
+            let start = after.map(|a| keys.partition_point(|k| *k <= a)).unwrap_or(0);
+            let mut batch: Vec<BlockKey> = keys[start..].iter().take(RECORDS_PER_SCAN).copied().collect();
+            if batch.len() < RECORDS_PER_SCAN && start > 0 {
+                batch.extend(keys[..start].iter().take(RECORDS_PER_SCAN - batch.len()).copied());
+            }
+            batch
+        })
+        .await
+        .unwrap_or_default();
+        self.record_cursor = keys.last().copied();
+        let r = self.state.code.m as usize + 1;
+        let mut cached: Option<(Id, Vec<Contact<NetAddr>>)> = None;
+        let mut pushed = 0u64;
+        for k in keys {
+            let key = Id::from_bytes(&k);
+            let reuse = cached.as_ref().is_some_and(|(from, walk)| key == *from || key.in_open_closed(*from, walk[0].id));
+            if !reuse {
+                match driver::walk_from(&*self.net, vec![self.me.clone()], key, r + 2).await {
+                    Ok(w) if !w.is_empty() => cached = Some((key, w)),
+                    _ => {
+                        cached = None;
+                        continue;
+                    }
+                }
+            }
+            let set = distinct_peers(&cached.as_ref().expect("set above").1, r);
+            let Ok(mine) = self.state.records.local(key).await else { continue };
+            if mine.version == 0 {
+                continue;
+            }
+            for peer in set.iter().filter(|p| **p != self.me) {
+                let behind = match self.net.get_record(peer, key, mine.version).await {
+                    Ok(f) => f.version() < mine.version,
+                    Err(_) => false,
+                };
+                if behind && self.net.put_record(peer, key, &mine, false).await.is_ok() {
+                    pushed += 1;
+                }
+            }
+        }
+        if pushed > 0 {
+            log::info!("upkeep: re-replicated {pushed} metadata record copies");
+        }
     }
 
     /// Gathers k verified shards of a stripe from the holders in `view` (and our own) and
