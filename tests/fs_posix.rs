@@ -365,3 +365,27 @@ fn df_shows_usable_space_and_deletes_give_it_back() {
     let e = err.or_else(|| f.sync_all().err()).expect("writing 1.6 GiB into 512 MiB must fail");
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "full ring: {e}");
 }
+
+#[test]
+fn mount_refuses_bad_input_with_one_line_and_nonzero_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ring = ring3(tmp.path());
+    let file = tmp.path().join("a-file");
+    fs::write(&file, b"").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![tmp.path().join("missing").display().to_string(), "--join".into(), ring.first_alive().to_string()], "mountpoint"),
+        (vec![file.display().to_string(), "--join".into(), ring.first_alive().to_string()], "not a directory"),
+        (vec![tmp.path().display().to_string(), "--join".into(), "127.0.0.1:1".into(), "--foreground".into()], "cannot reach"),
+        (vec![tmp.path().display().to_string(), "--join".into(), "not an address".into()], "--join"),
+    ];
+    for (args, want) in cases {
+        let start = std::time::Instant::now();
+        let out = Command::new(BIN).arg("mount").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mount {args:?} succeeded");
+        assert!(err.contains(want), "mount {args:?}: stderr {err:?} does not say {want:?}");
+        assert!(err.trim().lines().filter(|l| l.starts_with("mutualstore-fs:")).count() == 1, "one error line: {err:?}");
+        assert!(start.elapsed() < Duration::from_secs(20), "mount {args:?} took {:?} to fail", start.elapsed());
+        assert!(!common::mount::is_mounted(tmp.path()));
+    }
+}

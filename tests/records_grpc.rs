@@ -139,3 +139,48 @@ async fn clients_and_peers_agree_on_every_keys_primary() {
         p.stop_abruptly().await;
     }
 }
+
+/// Records regain m+1 copies after a loss (upkeep), so a second loss later loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_re_replicated_after_a_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(tmp.path(), 4, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    wait_converged(&refs, Duration::from_secs(20)).await;
+    let c = client(&peers[0].addr).await;
+    let keys: Vec<Id> = (0..20u32).map(|i| Id::sha1(format!("rec{i}").as_bytes())).collect();
+    for k in &keys {
+        assert_eq!(c.cas(*k, 0, Some(k.to_hex().into_bytes())).await.unwrap(), Swap::Done(1));
+    }
+    // Lose one peer (not the client's), let upkeep restore the copies, lose another.
+    for round in 0..2 {
+        let victim = peers.len() - 1;
+        peers.remove(victim).stop_abruptly().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c.stripes.forget_walks();
+            let mut short = 0;
+            for k in &keys {
+                let set = c.stripes.peers_for(*k, c.replicas).await.unwrap();
+                for p in &set {
+                    let held = peers.iter().find(|x| x.addr == *p).map(|x| x.state.store.contains(&k.to_bytes())).unwrap_or(false);
+                    if !held {
+                        short += 1;
+                    }
+                }
+            }
+            if short == 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "round {round}: {short} record copies still missing after 60 s");
+        }
+    }
+    for k in &keys {
+        let r = c.get(*k).await.unwrap();
+        assert_eq!(r.data, k.to_hex().into_bytes(), "record lost after two losses with re-replication between");
+    }
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
