@@ -16,7 +16,9 @@ use std::sync::Arc;
 /// rather than in a stripe of their own.
 pub const INLINE_MAX: usize = 64 << 10;
 /// Chunk writes in flight per file: enough to keep k+m peers busy.
-const MAX_INFLIGHT: usize = 4;
+const MAX_INFLIGHT: usize = 6;
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD_CHUNKS: u64 = 2;
 /// Dirty (unsubmitted) bytes per file before partial chunks are written out anyway.
 const MAX_DIRTY_BYTES: usize = 64 << 20;
 /// Largest file: chunk indexes stay far from overflow.
@@ -409,17 +411,20 @@ impl FileState {
         out
     }
 
-    /// The chunks worth fetching ahead of a read ending at `end`.
-    fn ahead(&self, cb: usize, end: u64) -> Option<(Id, usize)> {
+    /// The stored chunks after the one holding `end`, up to READ_AHEAD_CHUNKS of them.
+    fn ahead(&self, cb: usize, end: u64) -> Vec<(Id, usize)> {
         if self.inline {
-            return None;
+            return Vec::new();
         }
-        let idx = end / cb as u64 + 1;
-        if idx * cb as u64 >= self.inode.size || self.pending.contains_key(&idx) || self.dirty.contains_key(&idx) {
-            return None;
-        }
-        let c = self.inode.chunks.get(idx as usize)?;
-        Some((chunk::stripe_id(c)?, c.len as usize))
+        let first = end / cb as u64 + 1;
+        (first..first + READ_AHEAD_CHUNKS)
+            .take_while(|idx| idx * (cb as u64) < self.inode.size)
+            .filter(|idx| !self.pending.contains_key(idx) && !self.dirty.contains_key(idx))
+            .filter_map(|idx| {
+                let c = self.inode.chunks.get(idx as usize)?;
+                Some((chunk::stripe_id(c)?, c.len as usize))
+            })
+            .collect()
     }
 }
 
@@ -427,15 +432,25 @@ impl FileState {
 pub struct OpenFile {
     pub ino: u64,
     pub st: tokio::sync::Mutex<FileState>,
+    /// Where the last read ended: a read starting there is sequential and fetches ahead.
+    pub last_read_end: std::sync::atomic::AtomicU64,
+}
+
+impl OpenFile {
+    pub fn new(ino: u64, st: FileState) -> OpenFile {
+        OpenFile { ino, st: tokio::sync::Mutex::new(st), last_read_end: std::sync::atomic::AtomicU64::new(0) }
+    }
 }
 
 impl OpenFile {
     pub async fn read(&self, ctx: &DataCtx, off: u64, len: usize) -> FsResult<Vec<u8>> {
+        let sequential = self.last_read_end.swap(off + len as u64, std::sync::atomic::Ordering::Relaxed) == off;
         let (plan, ahead) = {
             let st = self.st.lock().await;
-            (st.plan_read(st.cb, off, len), st.ahead(st.cb, off + len as u64))
+            let ahead = if sequential { st.ahead(st.cb, off + len as u64) } else { Vec::new() };
+            (st.plan_read(st.cb, off, len), ahead)
         };
-        if let Some((key, clen)) = ahead {
+        for (key, clen) in ahead {
             let (client, cache) = (ctx.stripes.clone(), ctx.cache.clone());
             tokio::spawn(async move {
                 let _ = cache.get(&client, key, clen).await;

@@ -298,7 +298,11 @@ impl fuser::Filesystem for FuseFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.run(self.fs.opendir(ino.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+                let fs = self.fs.clone();
+                self.rt.spawn(async move { fs.prefetch_children(fh).await });
+            }
             Err(e) => {
                 self.log_err("opendir", &e);
                 reply.error(errno(&e))

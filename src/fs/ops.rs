@@ -9,6 +9,7 @@ use super::file::{AttrChanges, DataCtx, FileState, OpenFile};
 use super::inode::{self, check_name, new_inode, DirEntry, Inode, InodeExt, Kind, ROOT_INO};
 use crate::meta::client::{RecordClient, Swap};
 use crate::ring::Id;
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::HashMap;
@@ -21,6 +22,9 @@ use std::time::{Duration, Instant};
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// CAS retries under contention before giving up with EIO.
 const MAX_SWAPS: usize = 64;
+/// Inodes prefetched after an opendir, and how many loads run at once.
+const PREFETCH_MAX: usize = 4096;
+const PREFETCH_PARALLEL: usize = 16;
 
 #[derive(Clone)]
 struct Cached {
@@ -355,7 +359,7 @@ impl Fs {
     async fn open_loaded(&self, ino: u64, version: u64, inode: Inode) -> u64 {
         let f = {
             let mut files = self.files.lock();
-            files.entry(ino).or_insert_with(|| Arc::new(OpenFile { ino, st: tokio::sync::Mutex::new(FileState::new(version, inode.clone(), self.data.chunk_bytes)) })).clone()
+            files.entry(ino).or_insert_with(|| Arc::new(OpenFile::new(ino, FileState::new(version, inode.clone(), self.data.chunk_bytes)))).clone()
         };
         {
             let mut st = f.st.lock().await;
@@ -802,6 +806,22 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle::Dir(Arc::new(entries)));
         Ok(fh)
+    }
+
+    /// Loads the inodes of a directory's entries that this mount has not cached, a few
+    /// at a time, so that the stat calls that usually follow a listing (ls -l, find,
+    /// cp -r) find them cached.
+    pub async fn prefetch_children(&self, fh: u64) {
+        let Ok(entries) = self.dir_entries(fh) else { return };
+        let todo: Vec<u64> = {
+            let cache = self.inodes.lock();
+            entries.iter().skip(2).map(|e| e.ino).filter(|i| cache.get(i).is_none_or(|c| c.at.elapsed() > ATTR_TTL / 2)).take(PREFETCH_MAX).collect()
+        };
+        futures_util::stream::iter(todo)
+            .for_each_concurrent(PREFETCH_PARALLEL, |ino| async move {
+                let _ = self.load(ino, ATTR_TTL / 2).await;
+            })
+            .await;
     }
 
     /// The directory snapshot taken at opendir; readdir offsets index into it.

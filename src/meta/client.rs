@@ -6,6 +6,7 @@ use crate::erasure::client::StripeClient;
 use crate::ring::{Id, NetError};
 use crate::rpc::NetAddr;
 use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::time::Duration;
 
 /// Attempts of one CAS or read before it is reported as unavailable; the pauses between
@@ -76,15 +77,19 @@ impl RecordClient {
             }
             let set = self.replica_set(key).await?;
             let net = &self.stripes.net;
-            let answers = join_all(set.iter().map(|a| net.get_record(a, key, known))).await;
+            // Writes are acknowledged with all copies but one, so any two replicas include
+            // one with the newest version: stop waiting once two have answered (one if the
+            // set has only two copies, which writes both).
+            let need = if set.len() >= 3 { 2 } else { 1 };
+            let mut pending: FuturesUnordered<_> = set.iter().map(|a| async move { (a.clone(), net.get_record(a, key, known).await) }).collect();
             let mut best: Option<Record> = None;
             let mut answered = 0;
             let mut versions = Vec::new();
-            for (a, r) in set.iter().zip(answers) {
+            while let Some((a, r)) = pending.next().await {
                 match r {
                     Ok(f) => {
                         answered += 1;
-                        versions.push((a.clone(), f.version()));
+                        versions.push((a, f.version()));
                         if let Fetched::Got(rec) = f {
                             if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.version) {
                                 best = Some(rec);
@@ -92,6 +97,9 @@ impl RecordClient {
                         }
                     }
                     Err(e) => why = e.to_string(),
+                }
+                if answered >= need {
+                    break;
                 }
             }
             if answered == 0 {
