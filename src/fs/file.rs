@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// rather than in a stripe of their own.
 pub const INLINE_MAX: usize = 64 << 10;
 /// Chunk writes in flight per file: enough to keep k+m peers busy.
-const MAX_INFLIGHT: usize = 6;
+const MAX_INFLIGHT: usize = 4;
 /// Chunks fetched ahead of a sequential reader.
 const READ_AHEAD_CHUNKS: u64 = 2;
 /// Dirty (unsubmitted) bytes per file before partial chunks are written out anyway.
