@@ -234,20 +234,42 @@ impl Fs {
             Err(FsError::NotFound) => {
                 // An entry whose inode is gone (a crash between the two steps of an
                 // rmdir): drop it so it does not linger.
-                let (ino, nm) = (e.ino, name.to_vec());
-                let _ = self
-                    .modify(parent, |d| {
-                        if d.find(&nm).is_some_and(|x| x.ino == ino) {
-                            d.remove(&nm);
-                            return Ok(true);
-                        }
-                        Ok(false)
-                    })
-                    .await;
+                let _ = self.remove_entry_if(parent, name, e.ino).await;
                 Err(FsError::NotFound)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Adds the entry `name -> ino` to directory `parent`; EEXIST if the name is taken
+    /// by another inode (our own entry means an earlier attempt of the CAS landed).
+    async fn add_entry(&self, parent: u64, name: &[u8], ino: u64, kind: u32) -> FsResult<Arc<Inode>> {
+        self.modify(parent, |d| {
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if let Some(e) = d.find(name) {
+                return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
+            }
+            d.insert(DirEntry { name: name.to_vec(), ino, kind });
+            d.touch(true);
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Removes `name` from `parent` if it still names `ino` (someone may have replaced it).
+    async fn remove_entry_if(&self, parent: u64, name: &[u8], ino: u64) -> FsResult<()> {
+        self.modify(parent, |d| {
+            if d.find(name).is_some_and(|x| x.ino == ino) {
+                d.remove(name);
+                d.touch(true);
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await?;
+        Ok(())
     }
 
     fn new_ino() -> u64 {
@@ -269,20 +291,8 @@ impl Fs {
         if node.is_dir() {
             node.parent = parent;
         }
-        let nm = name.to_vec();
         let write_inode = self.records.cas(self.key(ino), 0, Some(inode::encode(&node)));
-        let link = self.modify(parent, |d| {
-            if !d.is_dir() {
-                return Err(FsError::NotDir);
-            }
-            if let Some(e) = d.find(&nm) {
-                // Our own entry: an earlier attempt of this CAS landed after all.
-                return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
-            }
-            d.insert(DirEntry { name: nm.clone(), ino, kind });
-            d.touch(true);
-            Ok(true)
-        });
+        let link = self.add_entry(parent, name, ino, kind);
         let (written, linked) = tokio::join!(write_inode, link);
         let written = match written {
             Ok(Swap::Done(v)) => Ok(v),
@@ -302,15 +312,7 @@ impl Fs {
             }
             (Err(e), linked) => {
                 if linked.is_ok() {
-                    let _ = self
-                        .modify(parent, |d| {
-                            if d.find(&nm).is_some_and(|x| x.ino == ino) {
-                                d.remove(&nm);
-                                return Ok(true);
-                            }
-                            Ok(false)
-                        })
-                        .await;
+                    let _ = self.remove_entry_if(parent, name, ino).await;
                 }
                 Err(e)
             }
@@ -628,17 +630,7 @@ impl Fs {
             Ok(()) | Err(FsError::NotFound) => {}
             Err(x) => return Err(x),
         }
-        let nm = name.to_vec();
-        self.modify(parent, |d| {
-            if d.find(&nm).is_some_and(|x| x.ino == e.ino) {
-                d.remove(&nm);
-                d.touch(true);
-                return Ok(true);
-            }
-            Ok(false)
-        })
-        .await?;
-        Ok(())
+        self.remove_entry_if(parent, name, e.ino).await
     }
 
     pub async fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], noreplace: bool) -> FsResult<()> {
@@ -718,16 +710,7 @@ impl Fs {
                 Ok(true)
             })
             .await?;
-            let nm = name.to_vec();
-            self.modify(parent, |d| {
-                if d.find(&nm).is_some_and(|x| x.ino == src.ino) {
-                    d.remove(&nm);
-                    d.touch(true);
-                    return Ok(true);
-                }
-                Ok(false)
-            })
-            .await?;
+            self.remove_entry_if(parent, name, src.ino).await?;
             if src.kind == Kind::Dir as u32 {
                 self.modify(src.ino, |i| {
                     i.parent = newparent;
@@ -768,22 +751,7 @@ impl Fs {
                 Ok(true)
             })
             .await?;
-        let kind = i.kind;
-        let nm = newname.to_vec();
-        let r = self
-            .modify(newparent, |d| {
-                if !d.is_dir() {
-                    return Err(FsError::NotDir);
-                }
-                if let Some(e) = d.find(&nm) {
-                    return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
-                }
-                d.insert(DirEntry { name: nm.clone(), ino, kind });
-                d.touch(true);
-                Ok(true)
-            })
-            .await;
-        if let Err(e) = r {
+        if let Err(e) = self.add_entry(newparent, newname, ino, i.kind).await {
             let _ = self.drop_link(ino).await;
             return Err(e);
         }
@@ -897,7 +865,17 @@ impl Fs {
                 return s;
             }
         }
-        let s = match crate::status::collect(&self.data.stripes.net, &self.data.stripes.start[0]).await {
+        let mut fetched = Err(String::new());
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            fetched = crate::status::collect(&self.data.stripes.net, &self.data.stripes.start[0]).await;
+            if fetched.is_ok() {
+                break;
+            }
+        }
+        let s = match fetched {
             Ok(st) => {
                 let code = self.data.stripes.code;
                 let scale = |b: u64| (b as u128 * code.k as u128 / code.total() as u128) as u64;
@@ -906,8 +884,9 @@ impl Fs {
                 Space { total: scale(total), free: scale(total.saturating_sub(used)) }
             }
             Err(e) => {
+                // Keep the last good figures, and do not cache the failure.
                 log::warn!("statfs: {e}");
-                self.space.lock().map(|(_, s)| s).unwrap_or_default()
+                return self.space.lock().map(|(_, s)| s).unwrap_or_default();
             }
         };
         *self.space.lock() = Some((Instant::now(), s));
