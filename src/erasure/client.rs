@@ -13,7 +13,7 @@
 use super::placement::distinct_peers;
 use super::stripe::{assemble, make_stripe, Shard};
 use super::Code;
-use crate::ring::{driver, Contact, Id};
+use crate::ring::{driver, Contact, Id, NetError};
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
 use std::collections::HashMap;
@@ -264,7 +264,10 @@ impl StripeClient {
                 Err(e) => {
                     failed += 1;
                     log::warn!("stripe {}: shard {index} to {peer}: {e}", stripe.to_hex());
-                    self.net.suspect(&peer);
+                    // A peer that answered (full, say) is alive: only silence is suspect.
+                    if matches!(e, NetError::Timeout(_) | NetError::Unreachable(_)) {
+                        self.net.suspect(&peer);
+                    }
                     why = format!("shard {index} on {peer}: {e}");
                 }
             }
