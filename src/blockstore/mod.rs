@@ -772,18 +772,24 @@ fn read_superblock(file: &File, path: &Path) -> Result<Superblock, StoreError> {
 }
 
 /// One live DiskImage per image file: two writers would corrupt the chain.
+/// A lock just released can still look held for a moment: a process forking at that
+/// instant shares the locked open file until its exec closes it. So a busy lock is
+/// retried briefly before the image is declared in use.
 fn lock_exclusive(file: &File, path: &Path) -> Result<(), StoreError> {
-    // SAFETY: flock on a valid fd owned by `file`; released when it closes.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(());
+    for _ in 0..20 {
+        // SAFETY: flock on a valid fd owned by `file`; released when it closes.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock {
+            return Err(err.into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        return Err(bad_image(
-            path,
-            "image is already open (locked by another DiskImage)",
-        ));
-    }
-    Err(err.into())
+    Err(bad_image(
+        path,
+        "image is already open (locked by another DiskImage)",
+    ))
 }
