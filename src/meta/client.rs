@@ -62,6 +62,16 @@ impl RecordClient {
         Ok(set)
     }
 
+    /// The replica set for try number `attempt`: retries wait (growing, at most 2 s) and
+    /// walk the ring afresh, so a dead peer the ring has since dropped is left out.
+    async fn set_for_attempt(&self, key: Id, attempt: usize) -> Result<Vec<NetAddr>, MetaError> {
+        if attempt > 0 {
+            tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
+            self.stripes.forget_walks();
+        }
+        self.replica_set(key).await
+    }
+
     /// The newest copy (version 0 if the record was never written).
     pub async fn get(&self, key: Id) -> Result<Record, MetaError> {
         Ok(self.get_newer(key, 0).await?.unwrap_or_default())
@@ -71,11 +81,7 @@ impl RecordClient {
     pub async fn get_newer(&self, key: Id, known: u64) -> Result<Option<Record>, MetaError> {
         let mut why = String::new();
         for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
-                self.stripes.forget_walks();
-            }
-            let set = self.replica_set(key).await?;
+            let set = self.set_for_attempt(key, attempt).await?;
             let net = &self.stripes.net;
             // Writes are acknowledged with all copies but one, so any two replicas include
             // one with the newest version: stop waiting once two have answered (one if the
@@ -148,11 +154,7 @@ impl RecordClient {
         let mut tried = false;
         let mut refusals = 0;
         for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep((BACKOFF * attempt as u32).min(Duration::from_secs(2))).await;
-                self.stripes.forget_walks();
-            }
-            let set = self.replica_set(key).await?;
+            let set = self.set_for_attempt(key, attempt).await?;
             let net = &self.stripes.net;
             let insist = refusals >= INSIST_AFTER;
             let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable, insist).await;
