@@ -10,6 +10,7 @@ use crate::erasure::client::{StripeClient, StripeError};
 use crate::erasure::stripe::{MAX_SHARD_BYTES, SHARD_BYTES};
 use crate::erasure::Code;
 use crate::ring::Id;
+use crate::crypto::tls::RingTls;
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
 use std::path::Path;
@@ -53,16 +54,16 @@ pub struct FileClient {
 
 impl FileClient {
     /// A client for the ring at `start` that writes with the ring's own code.
-    pub async fn connect(start: NetAddr) -> Result<FileClient, String> {
-        let net = Arc::new(GrpcNet::for_client());
+    pub async fn connect(start: NetAddr, tls: Option<Arc<RingTls>>) -> Result<FileClient, String> {
+        let net = Arc::new(GrpcNet::for_client().with_tls(tls));
         let (_, code) = net.hello(&start, "").await.map_err(|e| format!("cannot reach {start}: {e}"))?;
         Ok(FileClient { stripes: StripeClient::new(net, vec![start], code) })
     }
 
     /// A client that writes with the code the ring can hold now: the ring's, or a
     /// narrower one with the same parity when the ring has fewer than k+m peers.
-    pub async fn connect_writer(start: NetAddr) -> Result<FileClient, String> {
-        let mut c = Self::connect(start).await?;
+    pub async fn connect_writer(start: NetAddr, tls: Option<Arc<RingTls>>) -> Result<FileClient, String> {
+        let mut c = Self::connect(start, tls).await?;
         // Too few peers even for that is reported by the write itself.
         match c.stripes.effective_code().await {
             Ok(code) => {

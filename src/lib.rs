@@ -1,5 +1,6 @@
 //! MutualStore: a peer-to-peer storage ring. See ARCHITECTURE.md for the map.
 pub mod blockstore;
+pub mod crypto;
 pub mod erasure;
 pub mod ring;
 pub mod sim;

@@ -1,7 +1,10 @@
 //! The `mutualstore-fs` command line: parses flags, validates them, and hands over to
 //! the library. Every failure is one line on stderr and a non-zero exit.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use mutualstore::crypto::secret::{self, RingSecret};
+use mutualstore::crypto::tls::RingTls;
+use std::sync::Arc;
 use mutualstore::erasure::upkeep::UpkeepConfig;
 use mutualstore::erasure::Code;
 use mutualstore::files::{FileClient, Progress};
@@ -14,14 +17,44 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "mutualstore-fs", version, about = "A peer-to-peer storage ring")]
+#[command(name = "mutualstore-fs", version, about = "A peer-to-peer storage ring", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+/// How a command proves it is a member of the ring.
+#[derive(Args, Clone)]
+struct Membership {
+    /// File holding the ring secret (mode 0600; `init` creates one). Or set
+    /// MUTUALSTORE_SECRET to the secret itself. Not needed for a ring made without `init`.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+impl Membership {
+    fn secret(&self) -> Result<Option<RingSecret>, String> {
+        secret::given(self.secret_file.as_deref())
+    }
+
+    fn tls(&self) -> Result<Option<Arc<RingTls>>, String> {
+        self.secret()?.map(|s| RingTls::new(&s).map(Arc::new)).transpose()
+    }
+
+    fn net(&self) -> Result<mutualstore::rpc::client::GrpcNet, String> {
+        Ok(mutualstore::rpc::client::GrpcNet::new().with_tls(self.tls()?))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Create a new ring: a secret in DIR (mode 0600), printed once for the other members.
+    /// Then start its first peer with `peer --data DIR` (no --join).
+    Init {
+        /// The first peer's data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Run a storage peer that contributes a disk image of CAPACITY to the ring.
     Peer {
         /// Address to listen on, host:port.
@@ -58,6 +91,8 @@ enum Cmd {
         /// On SIGTERM/SIGINT, move every shard to other peers before leaving.
         #[arg(long)]
         drain_on_exit: bool,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Mount the ring as a filesystem at MOUNTPOINT (unmount with fusermount3 -u).
     Mount {
@@ -87,12 +122,22 @@ enum Cmd {
         /// Log file of the detached mount process (default: /tmp/mutualstore-mount-<name>.log).
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// The file key that encrypts this filesystem (mode 0600; created if missing).
+        /// Default: $MUTUALSTORE_KEY_FILE, else ~/.config/mutualstore/fs.key. Every
+        /// mount of one filesystem needs the same key; a different key is a different,
+        /// separate filesystem in the same ring.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Ask a peer to move its shards to others, leave the ring and exit.
     Leave {
         /// The peer that leaves.
         #[arg(long)]
         join: String,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Show the ring's peers and their load.
     Status {
@@ -100,6 +145,8 @@ enum Cmd {
         join: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Store a file on the ring; prints its handle.
     Put {
@@ -110,6 +157,8 @@ enum Cmd {
         /// (default k+1; never below k; the rest are completed by repair).
         #[arg(long)]
         write_quorum: Option<usize>,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Fetch a file by handle.
     Get {
@@ -118,6 +167,8 @@ enum Cmd {
         output: PathBuf,
         #[arg(long)]
         join: String,
+        #[command(flatten)]
+        member: Membership,
     },
     /// Measure erasure encode/decode throughput on one core (a benchmark, not a test).
     BenchCodec {
@@ -186,7 +237,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Peer { listen, advertise, data, capacity, join, maintenance_s, code, grace_s, upkeep_s, repair_rate, drain_on_exit } => {
+        Cmd::Init { data } => {
+            std::fs::create_dir_all(&data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+            let path = data.join(secret::SECRET_FILE);
+            if path.exists() || data.join(mutualstore::identity::IDENTITY_FILE).exists() {
+                return Err(format!("{} already belongs to a ring", data.display()));
+            }
+            let s = RingSecret::generate();
+            s.save(&path)?;
+            println!("created ring {}; its secret is stored in {} (mode 600).", s.ring_id(), path.display());
+            println!("Start the first peer:   mutualstore-fs peer --data {} --listen HOST:PORT --capacity SIZE", data.display());
+            println!("Other peers and mounts: --secret-file <a 0600 copy of that file>, or MUTUALSTORE_SECRET set to:");
+            println!("{}", s.to_text());
+            Ok(())
+        }
+        Cmd::Peer { listen, advertise, data, capacity, join, maintenance_s, code, grace_s, upkeep_s, repair_rate, drain_on_exit, member } => {
             if !(0.05..=3600.0).contains(&maintenance_s) {
                 return Err(format!("--maintenance-s {maintenance_s} outside 0.05..3600"));
             }
@@ -211,6 +276,8 @@ fn run(cli: Cli) -> Result<(), String> {
                     rate_bytes_per_sec: repair_rate,
                     ..UpkeepConfig::default()
                 },
+                secret: member.secret()?,
+                fault: None,
             };
             runtime()?.block_on(async move {
                 let p = peer::start(cfg).await?;
@@ -236,11 +303,21 @@ fn run(cli: Cli) -> Result<(), String> {
                 Ok(())
             })
         }
-        Cmd::Mount { mountpoint, join, foreground, data, capacity, listen, advertise, reclaim_delay_s, log_file } => {
+        Cmd::Mount { mountpoint, join, foreground, data, capacity, listen, advertise, reclaim_delay_s, log_file, key_file, member } => {
             if !(0.0..=86400.0).contains(&reclaim_delay_s) {
                 return Err(format!("--reclaim-delay-s {reclaim_delay_s} outside 0..86400"));
             }
             let join_a = join_addr(&join)?;
+            let ring_secret = member.secret()?;
+            let key_path = match key_file.or_else(|| std::env::var_os(mutualstore::crypto::seal::KEY_FILE_ENV).map(PathBuf::from)) {
+                Some(p) => p,
+                None => PathBuf::from(std::env::var_os("HOME").ok_or("no --key-file given and no HOME to keep a default key in")?).join(".config/mutualstore/fs.key"),
+            };
+            // Created here, before detaching, so that the notice reaches the user.
+            let (key, created) = mutualstore::crypto::seal::FileKey::load_or_create(&key_path)?;
+            if created {
+                eprintln!("created a new file key at {} (mode 600): keep a copy; without it these files cannot be read", key_path.display());
+            }
             if !foreground {
                 let log = log_file.unwrap_or_else(|| {
                     let name: String = mountpoint.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
@@ -262,6 +339,8 @@ fn run(cli: Cli) -> Result<(), String> {
                         fingers_per_round: 4,
                         code: None,
                         upkeep: UpkeepConfig::default(),
+                        secret: ring_secret.clone(),
+                        fault: None,
                     };
                     cfg.validate()?;
                     Some(cfg)
@@ -273,12 +352,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 join: join_a,
                 peer,
                 reclaim_delay: Duration::from_secs_f64(reclaim_delay_s),
-                fsid: "default".into(),
+                key,
+                tls: ring_secret.map(|s| RingTls::new(&s).map(Arc::new)).transpose()?,
             })
         }
-        Cmd::Leave { join } => runtime()?.block_on(async move {
+        Cmd::Leave { join, member } => runtime()?.block_on(async move {
             let addr = join_addr(&join)?;
-            let net = mutualstore::rpc::client::GrpcNet::new();
+            let net = member.net()?;
             net.hello(&addr, "").await.map_err(|e| format!("cannot reach {join}: {e}"))?;
             let r = net.drain(&addr, Duration::from_secs(3600)).await.map_err(|e| format!("drain of {join} failed: {e}"))?;
             if r.shards_left > 0 {
@@ -287,8 +367,8 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{join} moved {} shards and left the ring", r.shards_moved);
             Ok(())
         }),
-        Cmd::Status { join, json } => runtime()?.block_on(async move {
-            let net = mutualstore::rpc::client::GrpcNet::new();
+        Cmd::Status { join, json, member } => runtime()?.block_on(async move {
+            let net = member.net()?;
             let addr = join_addr(&join)?;
             let st = mutualstore::status::collect(&net, &addr).await?;
             if json {
@@ -298,8 +378,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }),
-        Cmd::Put { file, join, write_quorum } => runtime()?.block_on(async move {
-            let mut client = FileClient::connect_writer(join_addr(&join)?).await?;
+        Cmd::Put { file, join, write_quorum, member } => runtime()?.block_on(async move {
+            let mut client = FileClient::connect_writer(join_addr(&join)?, member.tls()?).await?;
             if let Some(q) = write_quorum {
                 let code = client.code();
                 if q < code.k as usize || q > code.total() as usize {
@@ -314,9 +394,9 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", handle?.to_hex());
             Ok(())
         }),
-        Cmd::Get { handle, output, join } => runtime()?.block_on(async move {
+        Cmd::Get { handle, output, join, member } => runtime()?.block_on(async move {
             let h = Id::from_hex(handle.trim()).ok_or_else(|| format!("bad handle {handle:?}: want 40 hex digits"))?;
-            let client = FileClient::connect(join_addr(&join)?).await?;
+            let client = FileClient::connect(join_addr(&join)?, member.tls()?).await?;
             let manifest = client.manifest(h).await.map_err(|e| e.to_string())?;
             let (bar, progress) = progress_bar(manifest.0, "get");
             let n = client.get_manifest(manifest, &output, progress).await.map_err(|e| e.to_string());

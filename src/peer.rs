@@ -11,7 +11,10 @@ use crate::identity::Identity;
 use crate::ring::driver::{self, Transport};
 use crate::ring::vnode_position::{choose_positions, first_peer_positions, vnode_count};
 use crate::ring::{Id, Node, RingConfig};
+use crate::crypto::secret::RingSecret;
+use crate::crypto::tls::RingTls;
 use crate::rpc::client::GrpcNet;
+use crate::rpc::listen;
 use crate::rpc::server::{PeerService, PeerState};
 use crate::rpc::{NetAddr, RING_CALL_TIMEOUT};
 use parking_lot::Mutex;
@@ -33,12 +36,19 @@ pub struct PeerConfig {
     /// The erasure code for a new ring; when joining, it must match the ring's if given.
     pub code: Option<Code>,
     pub upkeep: UpkeepConfig,
+    /// The ring secret (None: a ring without one, whose connections are not encrypted).
+    pub secret: Option<RingSecret>,
+    /// Misbehaviour for tests (None for every real peer).
+    pub fault: Option<Arc<crate::rpc::fault::Fault>>,
 }
 
 impl PeerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.capacity_bytes < (64 << 20) {
             return Err(format!("capacity {} bytes is too small (at least 64 MiB)", self.capacity_bytes));
+        }
+        if self.capacity_bytes > crate::rpc::MAX_PEER_CAPACITY {
+            return Err(format!("capacity {} bytes is over the limit of 1 PiB per peer", self.capacity_bytes));
         }
         self.listen.parse::<std::net::SocketAddr>().map_err(|e| format!("--listen {:?}: {e}", self.listen))?;
         crate::rpc::convert::addr_from(&self.advertise).map_err(|s| format!("advertised address: {}", s.message()))?;
@@ -122,10 +132,18 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         _ => cfg.advertise.clone(),
     };
     let addr: NetAddr = NetAddr::from(advertise.as_str());
-    let net = Arc::new(GrpcNet::new());
+    let secret = crate::crypto::secret::settle(cfg.secret.clone(), &cfg.data_dir)?;
+    let tls = match &secret {
+        Some(s) => Some(Arc::new(RingTls::new(s)?)),
+        None => {
+            log::warn!("this ring has no secret: anyone who can reach {addr} can join it and read its blocks (create rings with `mutualstore-fs init`)");
+            None
+        }
+    };
+    let net = Arc::new(GrpcNet::new().with_tls(tls.clone()));
     let bootstrap: Option<NetAddr> = cfg.join.as_deref().map(NetAddr::from);
     let ring_code = match &bootstrap {
-        Some(b) => Some(net.hello(b, &addr).await.map_err(|e| format!("cannot join via {b}: {e}"))?.1),
+        Some(b) => Some(first_contact(&net, b, &addr).await?),
         None => None,
     };
 
@@ -187,23 +205,25 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         upkeep: Mutex::new(Default::default()),
         draining: std::sync::atomic::AtomicBool::new(false),
         drain_requests: drain_tx,
+        fault: cfg.fault.clone(),
     });
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let svc = PeerService { state: state.clone() }.into_server();
-    let incoming = tokio_stream_from(listener);
-    let server = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(60))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            log::error!("server stopped: {e}");
+    let shutdown = async {
+        let _ = rx.await;
+    };
+    let builder = || tonic::transport::Server::builder().timeout(Duration::from_secs(60)).add_service(svc.clone());
+    let server = match &tls {
+        Some(t) => {
+            let serving = builder().serve_with_incoming_shutdown(listen::tls(listener, t.clone()), shutdown);
+            tokio::spawn(async move { log_server_end(serving.await) })
         }
-    });
+        None => {
+            let serving = builder().serve_with_incoming_shutdown(listen::plain(listener), shutdown);
+            tokio::spawn(async move { log_server_end(serving.await) })
+        }
+    };
 
     if let Some(b) = &bootstrap {
         let mut last = String::new();
@@ -255,6 +275,27 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     Ok(RunningPeer { state, net, addr, shutdown: Some(tx), server, maintenance, upkeep, drained })
 }
 
+/// Hello to the peer we join through, retried for a few seconds (peers of a new ring
+/// are often started together, and the first may not listen yet).
+async fn first_contact(net: &GrpcNet, b: &NetAddr, me: &NetAddr) -> Result<Code, String> {
+    const TRIES: u32 = 8;
+    let mut last = String::new();
+    for attempt in 1..=TRIES {
+        match net.hello(b, me).await {
+            Ok((_, code)) => return Ok(code),
+            Err(e @ (crate::ring::NetError::Refused(_) | crate::ring::NetError::Protocol(_))) => return Err(format!("cannot join via {b}: {e}")),
+            Err(e) => {
+                last = e.to_string();
+                if attempt < TRIES {
+                    log::warn!("cannot reach {b} to join (attempt {attempt} of {TRIES}): {last}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+    Err(format!("cannot join via {b}: {last}"))
+}
+
 /// The ring's code: what the ring says when joining, else what this peer stored, else
 /// the configured one for a new ring. Any disagreement is an error, not a guess.
 fn settle_code(cfg: &PeerConfig, stored: Option<&str>, ring: Option<Code>) -> Result<Code, String> {
@@ -300,19 +341,10 @@ async fn run_upkeep(
     }
 }
 
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    use tokio_stream::StreamExt;
-    // Small replies must not wait for Nagle + delayed ACK (40 ms each on Linux): that alone
-    // made a status walk take seconds and a 4 MiB get a third of a second.
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|r| {
-        r.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                log::debug!("TCP_NODELAY: {e}");
-            }
-        })
-    })
+fn log_server_end(r: Result<(), tonic::transport::Error>) {
+    if let Err(e) = r {
+        log::error!("server stopped: {e}");
+    }
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -15,7 +15,7 @@ const MIB: usize = 1 << 20;
 const LONG: Duration = Duration::from_secs(120);
 
 async fn put(ring: &ProcRing, path: &Path) -> Id {
-    let (ok, out, err) = cli(&["put", path.to_str().unwrap(), "--join", &ring.first_alive()], LONG).await;
+    let (ok, out, err) = cli(&["put", path.to_str().unwrap(), "--join", &ring.first_alive(), "--secret-file", ring.secret_file.to_str().unwrap()], LONG).await;
     assert!(ok, "put failed: {err}");
     Id::from_hex(out.trim()).unwrap_or_else(|| panic!("put printed {out:?}"))
 }
@@ -23,7 +23,7 @@ async fn put(ring: &ProcRing, path: &Path) -> Id {
 /// `get` through the CLI; Ok(bytes) or Err(stderr).
 async fn get(ring: &ProcRing, handle: Id, out: &Path) -> Result<Vec<u8>, String> {
     let _ = std::fs::remove_file(out);
-    let (ok, _, err) = cli(&["get", &handle.to_hex(), "-o", out.to_str().unwrap(), "--join", &ring.first_alive()], LONG).await;
+    let (ok, _, err) = cli(&["get", &handle.to_hex(), "-o", out.to_str().unwrap(), "--join", &ring.first_alive(), "--secret-file", ring.secret_file.to_str().unwrap()], LONG).await;
     if ok {
         Ok(std::fs::read(out).unwrap())
     } else {
@@ -79,7 +79,7 @@ async fn every_pair_of_unavailable_peers_is_survived_by_four_plus_two() {
             ring.signal(a, libc::SIGSTOP);
             ring.signal(b, libc::SIGSTOP);
             let entry = if a == 0 { ring.addr(if b == 5 { 4 } else { 5 }) } else { ring.addr(0) };
-            let r = FileClient::connect(entry).await.map_err(|e| e.to_string());
+            let r = FileClient::connect(entry, ring.tls.clone()).await.map_err(|e| e.to_string());
             let got = match r {
                 Ok(c) => c.get_file(h, &out, None).await.map_err(|e| e.to_string()).map(|_| std::fs::read(&out).unwrap()),
                 Err(e) => Err(e),
@@ -164,7 +164,7 @@ async fn flipped_bytes_are_never_returned_and_the_shard_is_rewritten() {
     let out = dir.path().join("out");
     assert!(get(&ring, h, &out).await.unwrap() == data, "read after a flipped byte differs");
     // The peer found the bad record on that read (or its scrub) and rebuilt it.
-    let net = mutualstore::rpc::client::GrpcNet::new();
+    let net = ring.net();
     let addr = ring.addr(victim);
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
@@ -253,7 +253,7 @@ async fn a_draining_peer_moves_its_shards_before_it_leaves() {
     let h = put(&ring, &src).await;
     ring.wait_clean(LONG).await;
     let leaver = ring.addr(4).to_string();
-    let (ok, out, err) = cli(&["leave", "--join", &leaver], LONG).await;
+    let (ok, out, err) = cli(&["leave", "--join", &leaver, "--secret-file", ring.secret_file.to_str().unwrap()], LONG).await;
     assert!(ok, "leave failed: {err}");
     assert!(out.contains("moved"), "{out}");
     assert!(ring.wait_exit(4, Duration::from_secs(30)), "the drained peer exits");
@@ -304,7 +304,7 @@ async fn a_small_ring_writes_narrower_stripes_and_a_tiny_one_is_refused() {
     ring.wait_ring(LONG).await;
     let (src, data) = write_file(dir.path(), "in", 3 * MIB, 40);
     // Three peers under 4+2: stripes are written 1+2, so any two may die.
-    let c = FileClient::connect_writer(ring.first_alive()).await.unwrap();
+    let c = FileClient::connect_writer(ring.first_alive(), ring.tls.clone()).await.unwrap();
     assert_eq!(c.code().to_string(), "1+2");
     let h = put(&ring, &src).await;
     ring.kill(1);
@@ -316,7 +316,7 @@ async fn a_small_ring_writes_narrower_stripes_and_a_tiny_one_is_refused() {
     // either way it must fail, and once the ring has shrunk it must say why.
     let mut last = String::new();
     for _ in 0..30 {
-        let (ok, _, err) = cli(&["put", src.to_str().unwrap(), "--join", &ring.first_alive()], LONG).await;
+        let (ok, _, err) = cli(&["put", src.to_str().unwrap(), "--join", &ring.first_alive(), "--secret-file", ring.secret_file.to_str().unwrap()], LONG).await;
         assert!(!ok, "a write to a ring of one peer must fail");
         last = err;
         if last.contains("needs 6 distinct peers") {

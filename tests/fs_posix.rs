@@ -34,7 +34,7 @@ fn ring3(root: &Path) -> ProcRing {
 fn files_read_write_truncate_and_open_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring3(tmp.path());
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &ring.member_args());
 
     // create, O_EXCL, O_TRUNC, O_APPEND
     fs::write(m.path("a"), b"hello").unwrap();
@@ -114,7 +114,7 @@ fn files_read_write_truncate_and_open_flags() {
 fn directories_names_links_attributes_and_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring3(tmp.path());
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &ring.member_args());
 
     fs::create_dir(m.path("d")).unwrap();
     assert_eq!(errno(fs::create_dir(m.path("d"))), libc::EEXIST);
@@ -213,7 +213,7 @@ fn directories_names_links_attributes_and_errors() {
 fn large_directory_lists_every_entry_with_offsets() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring3(tmp.path());
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &ring.member_args());
     fs::create_dir(m.path("big")).unwrap();
     const N: usize = 10_000;
     std::thread::scope(|s| {
@@ -275,7 +275,7 @@ fn make_tree(root: &Path, files: usize, seed: u64) {
 fn ordinary_tools_work_on_the_mount() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring3(tmp.path());
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &ring.member_args());
     let src = tmp.path().join("src");
     make_tree(&src, 60, 100);
     let mnt = m.dir.to_str().unwrap().to_string();
@@ -326,7 +326,7 @@ fn ordinary_tools_work_on_the_mount() {
 fn df_shows_usable_space_and_deletes_give_it_back() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ProcRing::start(&tmp.path().join("ring"), 3, "2+1", "256MiB", 600.0);
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.first_alive(), &ring.member_args());
     let statvfs = |p: &Path| {
         let c = cstr(p);
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -372,15 +372,21 @@ fn mount_refuses_bad_input_with_one_line_and_nonzero_exit() {
     let ring = ring3(tmp.path());
     let file = tmp.path().join("a-file");
     fs::write(&file, b"").unwrap();
+    let open_secret = tmp.path().join("open.secret");
+    fs::copy(&ring.secret_file, &open_secret).unwrap();
+    fs::set_permissions(&open_secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![tmp.path().join("missing").display().to_string(), "--join".into(), ring.first_alive().to_string()], "mountpoint"),
         (vec![file.display().to_string(), "--join".into(), ring.first_alive().to_string()], "not a directory"),
         (vec![tmp.path().display().to_string(), "--join".into(), "127.0.0.1:1".into(), "--foreground".into()], "cannot reach"),
         (vec![tmp.path().display().to_string(), "--join".into(), "not an address".into()], "--join"),
+        (vec![tmp.path().display().to_string(), "--join".into(), ring.first_alive().to_string(), "--secret-file".into(), "/nonexistent/ring.secret".into()], "secret file"),
+        (vec![tmp.path().display().to_string(), "--join".into(), ring.first_alive().to_string(), "--secret-file".into(), open_secret.display().to_string()], "readable by others"),
     ];
     for (args, want) in cases {
         let start = std::time::Instant::now();
-        let out = Command::new(BIN).arg("mount").args(&args).output().unwrap();
+        // The ring's credentials first; a case's own --secret-file comes later and wins.
+        let out = Command::new(BIN).arg("mount").args(ring.member_args()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "mount {args:?} succeeded");
         assert!(err.contains(want), "mount {args:?}: stderr {err:?} does not say {want:?}");

@@ -38,8 +38,8 @@ fn bounded<T: Send + 'static>(max: Duration, f: impl FnOnce() -> T + Send + 'sta
 fn two_mounts_see_one_consistent_tree() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring6(tmp.path());
-    let a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &[]);
-    let b = Mount::start(&tmp.path().join("b"), &ring.addr(3), &[]);
+    let a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &ring.member_args());
+    let b = Mount::start(&tmp.path().join("b"), &ring.addr(3), &ring.member_args());
 
     // Close-to-open: what A closed, B opens whole; small (inline) and chunked sizes.
     for round in 0..8u64 {
@@ -130,7 +130,7 @@ fn make_tree(root: &Path, files: usize) -> Vec<PathBuf> {
 fn survives_two_peer_losses_and_fails_fast_after_three() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ring = ring6(tmp.path());
-    let m = Mount::start(&tmp.path().join("mnt"), &ring.addr(0), &[]);
+    let m = Mount::start(&tmp.path().join("mnt"), &ring.addr(0), &ring.member_args());
     let src = tmp.path().join("src");
     let files = make_tree(&src, 2000);
     let st = std::process::Command::new("cp").arg("-r").arg(&src).arg(m.path("tree")).status().unwrap();
@@ -171,7 +171,7 @@ fn survives_two_peer_losses_and_fails_fast_after_three() {
 fn readers_progress_while_a_peer_is_frozen() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring6(tmp.path());
-    let a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &[]);
+    let a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &ring.member_args());
     let data = bytes(24 << 20, 5);
     fs::write(a.path("f"), &data).unwrap();
     let small: Vec<Vec<u8>> = (0..20).map(|i| bytes(3000 + i, i as u64)).collect();
@@ -179,7 +179,7 @@ fn readers_progress_while_a_peer_is_frozen() {
         fs::write(a.path(&format!("s{i}")), s).unwrap();
     }
     // A second mount: nothing cached.
-    let b = Mount::start(&tmp.path().join("b"), &ring.addr(1), &[]);
+    let b = Mount::start(&tmp.path().join("b"), &ring.addr(1), &ring.member_args());
     ring.signal(3, libc::SIGSTOP);
     let (path, dir) = (b.path("f"), b.dir.clone());
     let start = Instant::now();
@@ -199,7 +199,7 @@ fn killed_mount_keeps_what_it_fsynced_and_unmount_keeps_what_was_closed() {
     let tmp = tempfile::tempdir().unwrap();
     let ring = ring6(tmp.path());
     let dir = tmp.path().join("mnt");
-    let mut m = Mount::start(&dir, &ring.addr(0), &[]);
+    let mut m = Mount::start(&dir, &ring.addr(0), &ring.member_args());
     fs::create_dir(m.path("w")).unwrap();
     let synced: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
     let writer = {
@@ -226,7 +226,7 @@ fn killed_mount_keeps_what_it_fsynced_and_unmount_keeps_what_was_closed() {
     assert!(synced.len() > 5, "the writer got only {} files through before the kill", synced.len());
     assert!(!common::mount::is_mounted(&dir), "mountpoint still mounted after the kill");
 
-    let mut m = Mount::start(&dir, &ring.addr(1), &[]);
+    let mut m = Mount::start(&dir, &ring.addr(1), &ring.member_args());
     for (name, len) in &synced {
         let i: u64 = name[1..].parse().unwrap();
         let got = fs::read(m.path(&format!("w/{name}"))).unwrap_or_else(|e| panic!("fsynced {name} lost: {e}"));
@@ -252,7 +252,7 @@ fn killed_mount_keeps_what_it_fsynced_and_unmount_keeps_what_was_closed() {
     drop(open);
     let status = m.wait_exit(Duration::from_secs(60)).expect("the mount process did not exit after fusermount -u");
     assert!(status.success(), "mount exited with {status}; log:\n{}", m.log_text());
-    let m = Mount::start(&dir, &ring.addr(2), &[]);
+    let m = Mount::start(&dir, &ring.addr(2), &ring.member_args());
     assert_eq!(fs::read(m.path("closed")).unwrap(), b"closed before the unmount");
     assert_eq!(fs::read(m.path("open")).unwrap(), b"written before the unmount");
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn client(start: &mutualstore::rpc::NetAddr) -> RecordClient {
-    let net = Arc::new(GrpcNet::for_client());
+    let net = Arc::new(GrpcNet::for_client().with_tls(test_tls()));
     let (_, code) = net.hello(start, "").await.unwrap();
     RecordClient::new(StripeClient::new(net, vec![start.clone()], code))
 }

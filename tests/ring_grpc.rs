@@ -101,10 +101,10 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
         rng.fill(&mut data[..]);
         let src = dir.path().join(format!("in{i}"));
         std::fs::write(&src, &data).unwrap();
-        let client = FileClient::connect(peers[i % 3].addr.clone()).await.unwrap();
+        let client = FileClient::connect(peers[i % 3].addr.clone(), test_tls()).await.unwrap();
         let h = client.put_file(&src, None).await.unwrap_or_else(|e| panic!("put of {size} bytes: {e}"));
         // read back through a different peer
-        let reader = FileClient::connect(peers[(i + 1) % 3].addr.clone()).await.unwrap();
+        let reader = FileClient::connect(peers[(i + 1) % 3].addr.clone(), test_tls()).await.unwrap();
         let out = dir.path().join(format!("out{i}"));
         assert_eq!(reader.get_file(h, &out, None).await.unwrap(), size as u64);
         assert!(std::fs::read(&out).unwrap() == data, "{size}-byte file differs after the round trip");
@@ -143,7 +143,7 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
     assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await.0, 0);
     for (i, (h, data)) in handles.iter().enumerate() {
         let out = dir.path().join(format!("again{i}"));
-        FileClient::connect(peers[2].addr.clone()).await.unwrap().get_file(*h, &out, None).await.unwrap();
+        FileClient::connect(peers[2].addr.clone(), test_tls()).await.unwrap().get_file(*h, &out, None).await.unwrap();
         assert!(std::fs::read(&out).unwrap() == *data);
     }
     for p in peers {

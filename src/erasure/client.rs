@@ -308,7 +308,7 @@ impl StripeClient {
         let suspects = self.net.suspected();
         peers.sort_by_key(|p| suspects.contains(p));
         let mut inflight: HashMap<NetAddr, Instant> = HashMap::new();
-        let mut read = Read { stripe, code: None, len, got: Vec::new(), mask: 0, errors: Vec::new() };
+        let mut read = Read { stripe, code: None, len, got: Vec::new(), from: Vec::new(), mask: 0, errors: Vec::new(), liars: Vec::new(), forged: false };
         let mut tasks: JoinSet<(NetAddr, Result<Option<Shard>, crate::ring::NetError>)> = JoinSet::new();
         let mut next = 0usize;
         let launch = |tasks: &mut JoinSet<_>, inflight: &mut HashMap<NetAddr, Instant>, next: &mut usize, n: usize, skip: u64| {
@@ -341,10 +341,14 @@ impl StripeClient {
                 match res {
                     Ok(data) => {
                         self.suspect_stragglers(&inflight);
+                        if !read.liars.is_empty() || read.forged {
+                            self.repair_in_background(&read, &data);
+                        }
                         return Ok(data);
                     }
                     Err(e) => {
                         read.errors.push(e);
+                        read.forged = true;
                         launch(&mut tasks, &mut inflight, &mut next, peers.len(), 0);
                     }
                 }
@@ -362,7 +366,7 @@ impl StripeClient {
                     inflight.remove(&peer);
                     match res {
                         Ok(Some(shard)) => {
-                            if let Err(why) = read.accept(shard) {
+                            if let Err(why) = read.accept(shard, &peer) {
                                 if why == DUPLICATE {
                                     // It may hold another index too (mid-rebalance): ask again.
                                     let mask = read.mask;
@@ -380,6 +384,9 @@ impl StripeClient {
                             launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                         }
                         Err(e) => {
+                            if matches!(e, crate::ring::NetError::Protocol(_)) {
+                                read.liars.push(peer.clone());
+                            }
                             read.errors.push(e.to_string());
                             launch(&mut tasks, &mut inflight, &mut next, 1, 0);
                         }
@@ -410,6 +417,36 @@ impl StripeClient {
 }
 
 impl StripeClient {
+    /// Read repair: once a stripe is decoded despite bad shards, every peer that served
+    /// one gets the right shard back (a shard that failed its hash is rewritten at every
+    /// index that peer holds; a forged one, consistent with its header but not with the
+    /// stripe, at its own index). In the background: the reader has its data.
+    fn repair_in_background(&self, read: &Read, data: &[u8]) {
+        let (Some(code), stripe) = (read.code, read.stripe) else { return };
+        let served: Vec<(NetAddr, Shard)> = read.from.iter().cloned().zip(read.got.iter().cloned()).collect();
+        let liars = read.liars.clone();
+        let (net, data) = (self.net.clone(), data.to_vec());
+        tokio::spawn(async move {
+            let Ok(Ok((id, correct))) = tokio::task::spawn_blocking(move || make_stripe(code, &data)).await else { return };
+            if id != stripe {
+                return;
+            }
+            let mut fixes: Vec<(NetAddr, u8)> = served.iter().filter(|(_, sh)| sh.data != correct[sh.meta.index as usize].data).map(|(p, sh)| (p.clone(), sh.meta.index)).collect();
+            for p in liars {
+                if let Ok(masks) = net.holdings(&p, &[stripe]).await {
+                    let mask = masks.first().copied().unwrap_or(0);
+                    fixes.extend((0..code.total()).filter(|i| mask & (1u64 << i) != 0).map(|i| (p.clone(), i)));
+                }
+            }
+            for (p, i) in fixes {
+                match net.put_shard(&p, &correct[i as usize]).await {
+                    Ok(()) => log::warn!("stripe {}: {p} served a bad shard {i}; rewrote it", stripe.to_hex()),
+                    Err(e) => log::warn!("stripe {}: {p} served a bad shard {i}; rewriting it failed: {e}", stripe.to_hex()),
+                }
+            }
+        });
+    }
+
     /// Peers still silent past the hedge delay are routed around for a while.
     fn suspect_stragglers(&self, inflight: &HashMap<NetAddr, Instant>) {
         for (p, t) in inflight {
@@ -428,12 +465,18 @@ struct Read {
     code: Option<Code>,
     len: Option<usize>,
     got: Vec<Shard>,
+    /// Who served each of `got`.
+    from: Vec<NetAddr>,
     mask: u64,
     errors: Vec<String>,
+    /// Peers that served a shard failing its own hash.
+    liars: Vec<NetAddr>,
+    /// Some k shards decoded to bytes that are not the stripe: one was forged.
+    forged: bool,
 }
 
 impl Read {
-    fn accept(&mut self, s: Shard) -> Result<(), String> {
+    fn accept(&mut self, s: Shard, from: &NetAddr) -> Result<(), String> {
         if s.meta.stripe != self.stripe {
             return Err("shard of another stripe".into());
         }
@@ -447,6 +490,7 @@ impl Read {
         }
         self.mask |= 1u64 << s.meta.index;
         self.got.push(s);
+        self.from.push(from.clone());
         Ok(())
     }
 }

@@ -14,6 +14,9 @@
 //!   onto the set members that hold nothing, at a bounded rate.
 //! - A local shard found corrupt (by a read or by the rolling scrub) is rebuilt in place
 //!   at once: the peer is alive, so there is nothing to wait for.
+//! - The coordinator also audits its healthy stripes, a slice per scan at the scrub's
+//!   rate: every holder's shard is compared with the re-encoded stripe, so a peer that
+//!   stores or serves forgeries its own checks cannot see is found and rewritten.
 //!
 //! Drain runs the hand-off step as if we were already out of every set.
 
@@ -42,6 +45,8 @@ pub struct UpkeepConfig {
     /// Local shard bytes re-verified per second (rolling, in slices per scan), to find rot
     /// nobody reads.
     pub scrub_bytes_per_sec: u64,
+    /// Shard bytes per second the stripe audit fetches from other peers.
+    pub audit_bytes_per_sec: u64,
 }
 
 impl Default for UpkeepConfig {
@@ -51,6 +56,7 @@ impl Default for UpkeepConfig {
             grace: Duration::from_secs(300),
             rate_bytes_per_sec: 64 << 20,
             scrub_bytes_per_sec: 8 << 20,
+            audit_bytes_per_sec: 1 << 20,
         }
     }
 }
@@ -147,6 +153,10 @@ pub struct Upkeep {
     scrub_cursor: Option<BlockKey>,
     /// Where the rolling check of metadata records resumes.
     record_cursor: Option<BlockKey>,
+    /// Where the rolling audit of coordinated stripes resumes, and the bytes it may
+    /// still fetch (earned at `audit_bytes_per_sec`).
+    audit_cursor: Option<Id>,
+    audit_credit: u64,
     pacer: Pacer,
 }
 
@@ -183,7 +193,7 @@ const SPARES: usize = 2;
 impl Upkeep {
     pub fn new(state: Arc<PeerState>, net: Arc<GrpcNet>, me: NetAddr, cfg: UpkeepConfig) -> Upkeep {
         let pacer = Pacer { rate: cfg.rate_bytes_per_sec, next_free: tokio::time::Instant::now() };
-        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, record_cursor: None, pacer }
+        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, record_cursor: None, audit_cursor: None, audit_credit: 0, pacer }
     }
 
     async fn local(&self) -> (Vec<LocalStripe>, Vec<BlockKey>) {
@@ -280,6 +290,11 @@ impl Upkeep {
         let held = self.probe(&stripes, &sets).await;
         let mut report = UpkeepReport::default();
         let mut still_degraded: HashSet<Id> = HashSet::new();
+        // A scan that never ran short of credit has audited through the last stripe, so
+        // the next starts over. Credit is capped so an idle peer does not save up a burst.
+        let earned = (self.cfg.audit_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
+        self.audit_credit = (self.audit_credit + earned).min(earned.max(64 << 20));
+        let mut audit_short = false;
         for (s, set) in stripes.iter().zip(&sets) {
             let Some(set) = set else { continue };
             let total = s.code.total() as usize;
@@ -308,6 +323,16 @@ impl Upkeep {
             report.stripes += 1;
             let have = view.union_with_spares().count_ones() as usize;
             if have >= total {
+                let cost = s.len as u64 * total as u64 / s.code.k as u64;
+                if self.audit_cursor.is_none_or(|c| s.stripe > c) {
+                    if self.audit_credit >= cost {
+                        self.audit_credit -= cost;
+                        self.audit_cursor = Some(s.stripe);
+                        self.audit(s, &view).await;
+                    } else {
+                        audit_short = true;
+                    }
+                }
                 continue;
             }
             report.degraded += 1;
@@ -325,6 +350,9 @@ impl Upkeep {
             } else {
                 report.repair_queue += 1;
             }
+        }
+        if !audit_short {
+            self.audit_cursor = None;
         }
         self.degraded_since.retain(|id, _| still_degraded.contains(id));
         self.records().await;
@@ -425,6 +453,45 @@ impl Upkeep {
         let (id, code, len) = (s.stripe, s.code, s.len as usize);
         let r = tokio::task::spawn_blocking(move || assemble_any(id, code, len, &got)).await.ok()?;
         r.map_err(|e| log::warn!("stripe {}: {e}", s.stripe.to_hex())).ok()
+    }
+
+    /// Deep check of a healthy stripe this peer coordinates: each holder's shard is
+    /// fetched and compared with the re-encoded stripe. A shard that differs (a lying or
+    /// rotten peer whose own checks pass) or fails its hash is rewritten. This finds what
+    /// reads never meet: reads stop at the first k good shards.
+    async fn audit(&mut self, s: &LocalStripe, view: &View) {
+        let mut served: Vec<(NetAddr, Shard)> = Vec::new();
+        let mut bad: Vec<(NetAddr, u8)> = Vec::new();
+        for (p, m) in view.set.iter().zip(&view.masks) {
+            for i in (0..s.code.total()).filter(|i| m & (1u64 << i) != 0) {
+                match self.net.get_shard(p, s.stripe, !(1u64 << i)).await {
+                    Ok(Some(sh)) if sh.meta.code == s.code && sh.meta.stripe_len == s.len && sh.meta.index == i => served.push((p.clone(), sh)),
+                    Err(crate::ring::NetError::Protocol(_)) | Ok(Some(_)) => bad.push((p.clone(), i)),
+                    _ => {}
+                }
+            }
+        }
+        let got: Vec<Shard> = served.iter().map(|(_, sh)| sh.clone()).collect();
+        if got.len() < s.code.k as usize {
+            return;
+        }
+        let (id, code, len) = (s.stripe, s.code, s.len as usize);
+        let Ok(Ok(data)) = tokio::task::spawn_blocking(move || assemble_any(id, code, len, &got)).await else { return };
+        let Some(shards) = self.reencode(s, data).await else { return };
+        bad.extend(served.iter().filter(|(_, sh)| sh.data != shards[sh.meta.index as usize].data).map(|(p, sh)| (p.clone(), sh.meta.index)));
+        for (p, i) in bad {
+            let shard = &shards[i as usize];
+            self.pacer.take(shard.data.len()).await;
+            let r = if p == self.me { self.put_local(shard).await } else { self.net.put_shard(&p, shard).await.map_err(|e| e.to_string()) };
+            match r {
+                Ok(()) => {
+                    log::warn!("audit: {p} held a bad shard {i} of stripe {}; rewrote it", s.stripe.to_hex());
+                    self.totals.repaired_shards += 1;
+                    self.totals.repaired_bytes += shard.data.len() as u64;
+                }
+                Err(e) => log::warn!("audit: {p} holds a bad shard {i} of stripe {}; rewriting failed: {e}", s.stripe.to_hex()),
+            }
+        }
     }
 
     async fn reencode(&self, s: &LocalStripe, data: Vec<u8>) -> Option<Vec<Shard>> {

@@ -1,44 +1,23 @@
-//! File content on the ring: a file is cut into chunks, each stored as one
-//! erasure-coded stripe. A chunk's stripe holds a 16-byte header (magic and 12 random
-//! bytes) before the chunk's bytes, so two writes of equal bytes are different stripes:
-//! each stripe has exactly one inode referring to it and can be reclaimed when that
-//! reference goes.
+//! File content on the ring: a file is cut into chunks, each sealed with the mount's
+//! file key (`crypto::seal`: a random 16-byte header, AES-256-GCM ciphertext, tag) and
+//! stored as one erasure-coded stripe. The random header also makes two writes of equal
+//! bytes different stripes: each stripe has exactly one inode referring to it and can
+//! be reclaimed when that reference goes.
 
 use super::error::{FsError, FsResult};
 use crate::erasure::client::StripeClient;
 use crate::erasure::stripe::SHARD_BYTES;
 use crate::ring::Id;
 use parking_lot::Mutex;
-use rand::RngCore;
+use crate::crypto::seal::{FileKey, Purpose, OVERHEAD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 4] = b"MSC1";
-pub const HEADER: usize = 16;
-
 /// Bytes of file per chunk for a code with `k` data shards: a stripe's worth, less room
-/// for the header (and, later, an authentication tag).
+/// for the seal's header and tag (and slack).
 pub fn chunk_bytes_for(k: u8) -> usize {
     k as usize * SHARD_BYTES - 64
-}
-
-pub fn seal(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + data.len());
-    out.extend_from_slice(MAGIC);
-    let mut nonce = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(data);
-    out
-}
-
-pub fn unseal(mut stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
-    if stripe.len() != HEADER + len || &stripe[..4] != MAGIC {
-        return Err(FsError::Io(format!("chunk stripe of {} bytes is not a {len}-byte chunk", stripe.len())));
-    }
-    stripe.drain(..HEADER);
-    Ok(stripe)
 }
 
 pub type ChunkData = Arc<Vec<u8>>;
@@ -49,11 +28,25 @@ type Slot = Arc<tokio::sync::OnceCell<ChunkData>>;
 pub struct ChunkCache {
     slots: Mutex<(HashMap<Id, Slot>, VecDeque<Id>)>,
     cap: usize,
+    key: Arc<FileKey>,
 }
 
 impl ChunkCache {
-    pub fn new(cap: usize) -> ChunkCache {
-        ChunkCache { slots: Mutex::new((HashMap::new(), VecDeque::new())), cap }
+    pub fn new(cap: usize, key: Arc<FileKey>) -> ChunkCache {
+        ChunkCache { slots: Mutex::new((HashMap::new(), VecDeque::new())), cap, key }
+    }
+
+    /// What is stored for a chunk of these bytes.
+    pub fn seal(&self, data: &[u8]) -> Vec<u8> {
+        self.key.seal(Purpose::Chunk, b"", data)
+    }
+
+    /// A chunk's bytes from its stripe, which must be exactly a sealed `len`-byte chunk.
+    pub fn unseal(&self, stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
+        if stripe.len() != len + OVERHEAD {
+            return Err(FsError::Io(format!("chunk stripe of {} bytes is not a sealed {len}-byte chunk", stripe.len())));
+        }
+        self.key.open(Purpose::Chunk, b"", stripe).map_err(|e| FsError::Io(format!("chunk: {e}")))
     }
 
     fn slot(&self, key: Id) -> Slot {
@@ -82,8 +75,8 @@ impl ChunkCache {
         let slot = self.slot(key);
         let r = slot
             .get_or_try_init(|| async {
-                let stripe = client.read_stripe(key, Some(HEADER + len)).await?;
-                Ok::<_, FsError>(Arc::new(unseal(stripe, len)?))
+                let stripe = client.read_stripe(key, Some(len + OVERHEAD)).await?;
+                Ok::<_, FsError>(Arc::new(self.unseal(stripe, len)?))
             })
             .await
             .cloned();
@@ -182,15 +175,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seal_unseal_roundtrip_and_checks() {
+    fn chunks_seal_to_ciphertext_and_unseal_only_whole() {
+        let cache = ChunkCache::new(2, Arc::new(FileKey::generate().1));
         let d = b"some bytes".to_vec();
-        let s = seal(&d);
-        assert_ne!(seal(&d), s, "equal content seals differently");
-        assert_eq!(unseal(s.clone(), d.len()).unwrap(), d);
-        assert!(unseal(s.clone(), d.len() + 1).is_err());
+        let s = cache.seal(&d);
+        assert_ne!(cache.seal(&d), s, "equal content seals differently");
+        assert_eq!(cache.unseal(s.clone(), d.len()).unwrap(), d);
+        assert!(cache.unseal(s.clone(), d.len() + 1).is_err());
         let mut bad = s;
-        bad[0] ^= 1;
-        assert!(unseal(bad, d.len()).is_err());
-        assert!(chunk_bytes_for(4) + 64 == 4 * SHARD_BYTES);
+        bad[20] ^= 1;
+        assert!(cache.unseal(bad, d.len()).is_err());
+        assert!(chunk_bytes_for(4) + OVERHEAD <= 4 * SHARD_BYTES);
     }
 }

@@ -242,7 +242,7 @@ impl FileState {
         let cache = ctx.cache.clone();
         let d2 = data.clone();
         let task = tokio::spawn(async move {
-            let sealed = chunk::seal(&d2);
+            let sealed = cache.seal(&d2);
             let key = client.write_stripe(sealed).await?;
             cache.insert(key, d2.clone());
             Ok(Chunk { stripe: key.to_bytes().to_vec(), len: d2.len() as u32 })

@@ -7,6 +7,8 @@ use super::chunk::{chunk_bytes_for, Reclaimer};
 use super::file::DataCtx;
 use super::fuse::FuseFs;
 use super::ops::Fs;
+use crate::crypto::seal::FileKey;
+use crate::crypto::tls::RingTls;
 use crate::files::FileClient;
 use crate::meta::client::RecordClient;
 use crate::peer::{self, PeerConfig};
@@ -26,8 +28,10 @@ pub struct MountConfig {
     /// Run a storage peer in this process as well.
     pub peer: Option<PeerConfig>,
     pub reclaim_delay: Duration,
-    /// Which filesystem of the ring to mount.
-    pub fsid: String,
+    /// Encrypts everything this mount stores, and names the filesystem it mounts.
+    pub key: FileKey,
+    /// Ring membership (None: a ring without a secret).
+    pub tls: Option<Arc<RingTls>>,
 }
 
 fn check_mountpoint(p: &Path) -> Result<PathBuf, String> {
@@ -71,14 +75,15 @@ pub fn run_foreground(cfg: MountConfig) -> Result<(), String> {
             }
             None => (cfg.join.clone(), None),
         };
-        let client = tokio::time::timeout(Duration::from_secs(15), FileClient::connect_writer(join.clone()))
+        let client = tokio::time::timeout(Duration::from_secs(15), FileClient::connect_writer(join.clone(), cfg.tls.clone()))
             .await
             .map_err(|_| format!("cannot reach {join}: no answer in 15 s"))??;
         let stripes = client.stripes;
-        let records = RecordClient::new(stripes.clone());
+        let key = Arc::new(cfg.key.clone());
+        let records = RecordClient::new(stripes.clone()).with_key(key.clone());
         let (reclaimer, task) = Reclaimer::start(stripes.clone(), cfg.reclaim_delay, shutdown_rx);
-        let data = DataCtx { chunk_bytes: chunk_bytes_for(stripes.code.k), stripes, cache: Fs::chunk_cache(CACHE_CHUNKS) };
-        let fs = Arc::new(Fs::new(records, data, cfg.fsid.clone(), reclaimer));
+        let data = DataCtx { chunk_bytes: chunk_bytes_for(stripes.code.k), stripes, cache: Fs::chunk_cache(CACHE_CHUNKS, key.clone()) };
+        let fs = Arc::new(Fs::new(records, data, key.fsid().to_string(), reclaimer));
         fs.init_root().await.map_err(|e| format!("cannot read or create the root directory: {e}"))?;
         Ok::<_, String>((fs, task, local_peer))
     })?;

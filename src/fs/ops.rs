@@ -75,8 +75,8 @@ impl Fs {
         }
     }
 
-    pub fn chunk_cache(chunks: usize) -> Arc<ChunkCache> {
-        Arc::new(ChunkCache::new(chunks))
+    pub fn chunk_cache(chunks: usize, key: Arc<crate::crypto::seal::FileKey>) -> Arc<ChunkCache> {
+        Arc::new(ChunkCache::new(chunks, key))
     }
 
     fn key(&self, ino: u64) -> Id {

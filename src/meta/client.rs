@@ -7,6 +7,8 @@ use crate::ring::{Id, NetError};
 use crate::rpc::NetAddr;
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use crate::crypto::seal::{pad, unpad, FileKey, Purpose};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Attempts of one CAS or read before it is reported as unavailable; the pauses between
@@ -38,12 +40,45 @@ pub struct RecordClient {
     pub stripes: StripeClient,
     /// Copies of each record: m + 1, so a record survives what a stripe survives.
     pub replicas: usize,
+    /// Seals record data before it leaves (None: stored as given).
+    key: Option<Arc<FileKey>>,
+}
+
+/// What a sealed record is bound to: its key and version, so that a replica cannot
+/// serve one record's bytes as another's, or an old version as a newer one.
+fn context(key: Id, version: u64) -> Vec<u8> {
+    let mut c = key.to_bytes().to_vec();
+    c.extend_from_slice(&version.to_be_bytes());
+    c
 }
 
 impl RecordClient {
     pub fn new(stripes: StripeClient) -> RecordClient {
         let replicas = stripes.code.m as usize + 1;
-        RecordClient { stripes, replicas }
+        RecordClient { stripes, replicas, key: None }
+    }
+
+    /// Encrypts and authenticates every record with `key` (see `crypto::seal`).
+    pub fn with_key(mut self, key: Arc<FileKey>) -> RecordClient {
+        self.key = Some(key);
+        self
+    }
+
+    fn seal(&self, key: Id, version: u64, plain: Vec<u8>) -> Vec<u8> {
+        match &self.key {
+            Some(k) => k.seal(Purpose::Record, &context(key, version), &pad(&plain)),
+            None => plain,
+        }
+    }
+
+    /// The record as the caller wrote it, or why this copy is not to be trusted.
+    fn open(&self, key: Id, rec: Record) -> Result<Record, String> {
+        let Some(k) = &self.key else { return Ok(rec) };
+        if !rec.exists() {
+            return Ok(rec);
+        }
+        let plain = k.open(Purpose::Record, &context(key, rec.version), rec.data).map_err(|e| e.to_string())?;
+        Ok(Record { data: unpad(plain)?, ..rec })
     }
 
     /// The peers that hold `key`, primary first: the first R distinct peers of the ring
@@ -88,19 +123,29 @@ impl RecordClient {
             // set has only two copies, which writes both).
             let need = if set.len() >= 3 { 2 } else { 1 };
             let mut pending: FuturesUnordered<_> = set.iter().map(|a| async move { (a.clone(), net.get_record(a, key, known).await) }).collect();
-            let mut best: Option<Record> = None;
+            // The newest copy as stored (for repairs) and as written (for the caller).
+            let mut best: Option<(Record, Record)> = None;
             let mut answered = 0;
             let mut versions = Vec::new();
             while let Some((a, r)) = pending.next().await {
                 match r {
+                    Ok(Fetched::Got(rec)) if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.0.version) => {
+                        match self.open(key, rec.clone()) {
+                            Ok(plain) => {
+                                answered += 1;
+                                versions.push((a, rec.version));
+                                best = Some((rec, plain));
+                            }
+                            Err(e) => {
+                                // A replica that cannot show a valid copy is no answer.
+                                log::warn!("record {}: {a} served version {} that fails authentication: {e}", key.to_hex(), rec.version);
+                                why = format!("{a}: {e}");
+                            }
+                        }
+                    }
                     Ok(f) => {
                         answered += 1;
                         versions.push((a, f.version()));
-                        if let Fetched::Got(rec) = f {
-                            if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.version) {
-                                best = Some(rec);
-                            }
-                        }
                     }
                     Err(e) => why = e.to_string(),
                 }
@@ -111,10 +156,10 @@ impl RecordClient {
             if answered == 0 {
                 continue;
             }
-            let newest = best.as_ref().map(|b| b.version).unwrap_or(known);
+            let newest = best.as_ref().map(|b| b.0.version).unwrap_or(known);
             // Read repair: a replica that was away catches up now rather than at the
             // next write.
-            if let Some(rec) = &best {
+            if let Some((rec, _)) = &best {
                 for (a, v) in versions.iter().filter(|(_, v)| *v < newest) {
                     let (net, a, rec) = (net.clone(), a.clone(), rec.clone());
                     log::debug!("record {}: repairing {a} from version {v}", key.to_hex());
@@ -123,7 +168,7 @@ impl RecordClient {
                     });
                 }
             }
-            return Ok(best);
+            return Ok(best.map(|b| b.1));
         }
         Err(MetaError::Unavailable { key: key.to_hex(), why })
     }
@@ -132,7 +177,8 @@ impl RecordClient {
     pub async fn put_durable(&self, key: Id, rec: &Record) -> Result<(), MetaError> {
         let set = self.replica_set(key).await?;
         let net = &self.stripes.net;
-        let results = join_all(set.iter().map(|a| net.put_record(a, key, rec, true))).await;
+        let sealed = if rec.exists() { Record { data: self.seal(key, rec.version, rec.data.clone()), ..rec.clone() } } else { rec.clone() };
+        let results = join_all(set.iter().map(|a| net.put_record(a, key, &sealed, true))).await;
         if results.iter().all(|r| r.is_err()) {
             return Err(MetaError::Unavailable { key: key.to_hex(), why: "no replica took the sync".into() });
         }
@@ -149,7 +195,11 @@ impl RecordClient {
 
     pub async fn cas_with(&self, key: Id, expected: u64, data: Option<Vec<u8>>, durable: bool) -> Result<Swap, MetaError> {
         let deleted = data.is_none();
-        let data = data.unwrap_or_default();
+        // Sealed once: a retry sends the same bytes, so it can recognise its own write.
+        let data = match data {
+            Some(d) => self.seal(key, expected + 1, d),
+            None => Vec::new(),
+        };
         let mut why = String::new();
         let mut tried = false;
         let mut refusals = 0;
@@ -168,7 +218,14 @@ impl RecordClient {
                     if tried && cur.version == expected + 1 && cur.deleted == deleted && cur.data == data {
                         return Ok(Swap::Done(cur.version));
                     }
-                    return Ok(Swap::Conflict(cur));
+                    match self.open(key, cur) {
+                        Ok(cur) => return Ok(Swap::Conflict(cur)),
+                        Err(e) => {
+                            log::warn!("record {}: primary {} answered with a copy that fails authentication: {e}", key.to_hex(), set[0]);
+                            why = format!("{}: {e}", set[0]);
+                            tried = true;
+                        }
+                    }
                 }
                 Ok(CasOutcome::Partial { failed, .. }) => {
                     log::info!("record {}: CAS at {} missed replicas {failed:?}; retrying", key.to_hex(), set[0]);

@@ -15,7 +15,9 @@ use crate::ring::{Id, NetError, RingRequest, RingResponse};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+use crate::crypto::tls::RingTls;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
@@ -27,11 +29,13 @@ pub struct GrpcNet {
     ring_timeout: Duration,
     /// Clients only: peers that recently failed or timed out, and when.
     suspects: Option<Mutex<HashMap<NetAddr, std::time::Instant>>>,
+    /// Membership credentials; None only in a ring created without a secret.
+    tls: Option<Arc<RingTls>>,
 }
 
 impl Default for GrpcNet {
     fn default() -> Self {
-        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None }
+        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None, tls: None }
     }
 }
 
@@ -44,9 +48,24 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 pub fn net_error(addr: &str, s: Status) -> NetError {
     match s.code() {
         tonic::Code::DeadlineExceeded => NetError::Timeout(0),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => NetError::Unreachable(format!("{addr}: {}", s.message())),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => NetError::Unreachable(format!("{addr}: {}", error_chain(&s))),
         _ => NetError::Refused(format!("{addr}: {}", s.message())),
     }
+}
+
+/// A status's message and the causes under it ("transport error" alone says nothing).
+pub fn error_chain(s: &Status) -> String {
+    let mut out = s.message().to_string();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 pub struct BlockReply {
@@ -62,6 +81,26 @@ impl GrpcNet {
     /// A network for clients: lookup hops give up after CLIENT_RING_CALL_TIMEOUT.
     pub fn for_client() -> Self {
         GrpcNet { ring_timeout: CLIENT_RING_CALL_TIMEOUT, suspects: Some(Mutex::new(HashMap::new())), ..Self::default() }
+    }
+
+    /// Connects to members with TLS under the ring's credentials.
+    pub fn with_tls(mut self, tls: Option<Arc<RingTls>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    pub fn tls(&self) -> Option<&Arc<RingTls>> {
+        self.tls.as_ref()
+    }
+
+    /// The error of a first contact, with what it most likely means.
+    pub fn explain(&self, e: NetError) -> NetError {
+        let hint = |m: &str| crate::crypto::tls::explain(m, self.tls.is_some()).map(|h| format!("{m} ({h})")).unwrap_or_else(|| m.to_string());
+        match e {
+            NetError::Unreachable(m) => NetError::Unreachable(hint(&m)),
+            NetError::Refused(m) => NetError::Refused(hint(&m)),
+            e => e,
+        }
     }
 
     /// Records the outcome of a call for the client's failure detector.
@@ -100,10 +139,14 @@ impl GrpcNet {
             match map.get(addr) {
                 Some(c) => c.clone(),
                 None => {
-                    let ep = Endpoint::from_shared(format!("http://{addr}"))
+                    let scheme = if self.tls.is_some() { "https" } else { "http" };
+                    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
                         .map_err(|e| NetError::Unreachable(format!("bad address {addr}: {e}")))?
                         .connect_timeout(CONNECT_TIMEOUT)
                         .tcp_nodelay(true);
+                    if let Some(t) = &self.tls {
+                        ep = ep.tls_config(t.client_config()).map_err(|e| NetError::Unreachable(format!("TLS for {addr}: {e}")))?;
+                    }
                     let c = ep.connect_lazy();
                     map.insert(addr.clone(), c.clone());
                     c
@@ -125,7 +168,7 @@ impl GrpcNet {
     pub async fn hello(&self, addr: &NetAddr, my_addr: &str) -> Result<(Id, Code), NetError> {
         let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
         let req = Self::request(pb::HelloRequest { protocol_version: PROTOCOL_VERSION, addr: my_addr.to_string() }, RING_CALL_TIMEOUT);
-        let r = with_deadline(RING_CALL_TIMEOUT, c.hello(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+        let r = with_deadline(RING_CALL_TIMEOUT, c.hello(req)).await.map_err(|s| self.explain(net_error(addr, s)))?.into_inner();
         if r.protocol_version != PROTOCOL_VERSION {
             return Err(NetError::Refused(format!(
                 "{addr} speaks protocol v{}, we speak v{PROTOCOL_VERSION}",
@@ -141,7 +184,7 @@ impl GrpcNet {
         let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
         let r = with_deadline(RING_CALL_TIMEOUT, c.peer_info(Self::request(pb::Empty {}, RING_CALL_TIMEOUT)))
             .await
-            .map_err(|s| net_error(addr, s))?;
+            .map_err(|s| self.explain(net_error(addr, s)))?;
         Ok(r.into_inner())
     }
 

@@ -81,6 +81,9 @@ pub fn neighbors_from(n: &pb::NeighborsResponse) -> Result<NeighborsInfo<NetAddr
     if !share.is_finite() || !(0.0..=1.0 + 1e-9).contains(&share) {
         return Err(Status::invalid_argument(format!("keyspace share {share} outside 0..1")));
     }
+    if n.peer_capacity_bytes > crate::rpc::MAX_PEER_CAPACITY {
+        return Err(Status::invalid_argument(format!("peer capacity {} bytes is over the limit of {}", n.peer_capacity_bytes, crate::rpc::MAX_PEER_CAPACITY)));
+    }
     Ok(NeighborsInfo {
         vnode_exists: n.vnode_exists,
         pred: contact_opt_from(&n.predecessor)?,

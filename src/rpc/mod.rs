@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod convert;
+pub mod fault;
+pub mod listen;
 pub mod server;
 
 pub mod pb {
@@ -32,6 +34,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_HOLDINGS_STRIPES: usize = 4096;
 /// Longest "host:port" we accept in a message.
 pub const MAX_ADDR_LEN: usize = 256;
+/// Largest capacity a peer may declare (1 PiB): a claim beyond it is refused, so one
+/// peer cannot make joiners place their vnodes around an absurd figure.
+pub const MAX_PEER_CAPACITY: u64 = 1 << 50;
 /// Most contacts one message may carry (successor lists, fingers).
 pub const MAX_CONTACTS: usize = 512;
 

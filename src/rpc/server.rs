@@ -2,6 +2,7 @@
 //! requests to the disk image (on the blocking pool). Each handler validates its input.
 
 use super::convert::*;
+use super::fault::Fault;
 use super::pb;
 use super::pb::peer_server::{Peer, PeerServer};
 use super::{NetAddr, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
@@ -32,6 +33,8 @@ pub struct PeerState {
     pub draining: AtomicBool,
     /// Metadata records held here (and the primary's CAS).
     pub records: crate::meta::store::RecordStore,
+    /// Misbehaviour switched on by tests (None in every real peer).
+    pub fault: Option<Arc<super::fault::Fault>>,
     /// Where a Drain request is handed to the peer's lifecycle task.
     pub drain_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<DrainReport>>,
 }
@@ -261,7 +264,12 @@ impl Peer for PeerService {
             return Err(Status::unavailable("this peer is draining and takes no new shards"));
         }
         let key = meta.block_key();
-        self.blocking(move |s| s.put(&key, &r.meta, &r.data)).await?;
+        let (mut meta_bytes, mut data) = (r.meta, r.data);
+        if self.state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
+            super::fault::flip(&mut data);
+            meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
+        }
+        self.blocking(move |s| s.put(&key, &meta_bytes, &data)).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -288,7 +296,12 @@ impl Peer for PeerService {
             })
             .await?;
         Ok(Response::new(match found {
-            Some(b) => pb::GetShardResponse { found: true, meta: b.meta, data: b.data },
+            Some(mut b) => {
+                if self.state.fault.as_ref().is_some_and(|f| Fault::on(&f.flip_served)) {
+                    super::fault::flip(&mut b.data);
+                }
+                pb::GetShardResponse { found: true, meta: b.meta, data: b.data }
+            }
             None => pb::GetShardResponse { found: false, meta: Vec::new(), data: Vec::new() },
         }))
     }

@@ -8,9 +8,25 @@ use mutualstore::ring::{Id, Node};
 use mutualstore::rpc::NetAddr;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use mutualstore::crypto::secret::RingSecret;
+use mutualstore::crypto::tls::RingTls;
 
 pub const GIB: u64 = 1 << 30;
+
+/// The ring secret of this test process's in-process rings (every test ring has one:
+/// the product is tested as it runs, with TLS between members).
+pub fn test_secret() -> RingSecret {
+    static S: OnceLock<RingSecret> = OnceLock::new();
+    S.get_or_init(RingSecret::generate).clone()
+}
+
+/// Member credentials for clients of those rings.
+pub fn test_tls() -> Option<Arc<RingTls>> {
+    static T: OnceLock<Arc<RingTls>> = OnceLock::new();
+    Some(T.get_or_init(|| Arc::new(RingTls::new(&test_secret()).unwrap())).clone())
+}
 
 pub fn peer_config(dir: &Path, capacity: u64, join: Option<&NetAddr>) -> PeerConfig {
     PeerConfig {
@@ -24,6 +40,8 @@ pub fn peer_config(dir: &Path, capacity: u64, join: Option<&NetAddr>) -> PeerCon
         // Three peers are enough for 2+1; tests of repair start their own peers.
         code: Some(Code::new(2, 1).unwrap()),
         upkeep: UpkeepConfig { interval: Duration::from_secs(1), grace: Duration::from_secs(600), ..UpkeepConfig::default() },
+        secret: Some(test_secret()),
+        fault: None,
     }
 }
 

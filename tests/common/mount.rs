@@ -32,7 +32,7 @@ pub fn is_mounted(dir: &Path) -> bool {
 impl Mount {
     /// Mounts the ring reached at `join` at `dir` (created), in the foreground as a
     /// child process; waits until the mount is up.
-    pub fn start(dir: &Path, join: &str, extra: &[&str]) -> Mount {
+    pub fn start(dir: &Path, join: &str, extra: &[String]) -> Mount {
         need_fuse();
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.with_extension("log");

@@ -27,12 +27,33 @@ pub struct ProcRing {
     pub last_addr: Vec<NetAddr>,
     /// Extra flags for peers started from now on.
     pub extra: Vec<String>,
+    /// The ring's secret (a 0600 file under root) and the mounts' file key.
+    pub secret_file: PathBuf,
+    pub key_file: PathBuf,
+    pub tls: Option<std::sync::Arc<mutualstore::crypto::tls::RingTls>>,
 }
 
 impl ProcRing {
     /// Starts `n` peers one after another, each joining the first.
     pub fn start(root: &Path, n: usize, code: &str, capacity: &str, grace_s: f64) -> ProcRing {
-        let mut r = ProcRing { root: root.to_path_buf(), peers: Vec::new(), code: code.into(), capacity: capacity.into(), grace_s, last_addr: Vec::new(), extra: Vec::new() };
+        std::fs::create_dir_all(root).unwrap();
+        let secret = mutualstore::crypto::secret::RingSecret::generate();
+        let secret_file = root.join("test-ring.secret");
+        secret.save(&secret_file).unwrap();
+        let tls = Some(std::sync::Arc::new(mutualstore::crypto::tls::RingTls::new(&secret).unwrap()));
+        let key_file = root.join("fs.key");
+        let mut r = ProcRing {
+            root: root.to_path_buf(),
+            peers: Vec::new(),
+            code: code.into(),
+            capacity: capacity.into(),
+            grace_s,
+            last_addr: Vec::new(),
+            extra: Vec::new(),
+            secret_file,
+            key_file,
+            tls,
+        };
         for _ in 0..n {
             r.add_peer();
         }
@@ -56,6 +77,15 @@ impl ProcRing {
         i
     }
 
+    /// Starts one more peer listening at `listen` (with `self.extra`, e.g. --advertise).
+    pub fn add_peer_at(&mut self, listen: &str) -> usize {
+        let i = self.peers.len();
+        self.peers.push(None);
+        self.last_addr.push(NetAddr::from(""));
+        self.spawn(i, listen);
+        i
+    }
+
     /// Starts peer `i` again from its data directory (after a kill).
     pub fn restart(&mut self, i: usize) {
         assert!(self.peers[i].is_none(), "peer {i} is still running");
@@ -72,6 +102,8 @@ impl ProcRing {
             .arg(&dir)
             .args(["--capacity", &self.capacity, "--maintenance-s", "0.2", "--upkeep-s", "1", "--grace-s", &self.grace_s.to_string()])
             .args(&self.extra)
+            .arg("--secret-file")
+            .arg(&self.secret_file)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -127,12 +159,22 @@ impl ProcRing {
         }
     }
 
+    /// A network handle with this ring's member credentials.
+    pub fn net(&self) -> GrpcNet {
+        GrpcNet::new().with_tls(self.tls.clone())
+    }
+
+    /// The flags a mount of this ring needs: the secret and the file key.
+    pub fn member_args(&self) -> Vec<String> {
+        vec!["--secret-file".into(), self.secret_file.display().to_string(), "--key-file".into(), self.key_file.display().to_string()]
+    }
+
     pub fn alive(&self) -> usize {
         self.peers.iter().flatten().count()
     }
 
     pub async fn status(&self) -> Result<RingStatus, String> {
-        let net = GrpcNet::new();
+        let net = self.net();
         mutualstore::status::collect(&net, &self.first_alive()).await
     }
 

@@ -1,0 +1,177 @@
+//! A peer's incoming connections: accepted, rate-limited per source address (a storm of
+//! connections or joins from one address is turned away before it costs anything), and,
+//! in a ring with a secret, put through a mutual-TLS handshake that only members pass.
+//! Every refusal is logged (at most once per address per LOG_EVERY, with a count).
+
+use crate::crypto::tls::RingTls;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// New connections one address may open at once, and per second after that. Members
+/// keep one long-lived connection to each other, so even a 50-peer ring in one process
+/// (one source address) stays far below this.
+const BURST: f64 = 256.0;
+const PER_SECOND: f64 = 64.0;
+/// Handshakes in progress at once, and how long one may take.
+const MAX_HANDSHAKES: usize = 128;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct PerAddr {
+    tokens: f64,
+    last: Option<Instant>,
+    refused: u64,
+    logged: Option<Instant>,
+}
+
+/// Per-address token buckets and log throttling.
+#[derive(Default)]
+pub struct Gate {
+    addrs: Mutex<HashMap<IpAddr, PerAddr>>,
+}
+
+impl Gate {
+    /// Whether a new connection from `ip` may proceed now.
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut m = self.addrs.lock();
+        if m.len() > 65_536 {
+            m.retain(|_, a| a.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)));
+        }
+        let a = m.entry(ip).or_default();
+        a.tokens = match a.last {
+            None => BURST,
+            Some(t) => (a.tokens + now.duration_since(t).as_secs_f64() * PER_SECOND).min(BURST),
+        };
+        a.last = Some(now);
+        if a.tokens >= 1.0 {
+            a.tokens -= 1.0;
+            true
+        } else {
+            a.refused += 1;
+            false
+        }
+    }
+
+    /// Logs a refusal of `ip`, unless one was logged recently (then it is counted).
+    fn refused(&self, ip: IpAddr, why: &str) {
+        let now = Instant::now();
+        let mut m = self.addrs.lock();
+        let a = m.entry(ip).or_default();
+        if a.logged.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            a.logged = Some(now);
+            let more = std::mem::take(&mut a.refused);
+            if more > 1 {
+                log::warn!("refused a connection from {ip}: {why} ({more} refused since the last report)");
+            } else {
+                log::warn!("refused a connection from {ip}: {why}");
+            }
+        } else {
+            a.refused += 1;
+        }
+    }
+}
+
+fn nodelay(s: &TcpStream) {
+    // Small replies must not wait for Nagle + delayed ACK (40 ms each on Linux).
+    if let Err(e) = s.set_nodelay(true) {
+        log::debug!("TCP_NODELAY: {e}");
+    }
+}
+
+/// Plain connections (a ring without a secret), rate-limited.
+pub fn plain(listener: TcpListener) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let gate = Arc::new(Gate::default());
+    tokio::spawn(async move {
+        loop {
+            let (s, from) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if !gate.admit(from.ip(), Instant::now()) {
+                gate.refused(from.ip(), "too many connections from one address");
+                continue;
+            }
+            nodelay(&s);
+            if tx.send(Ok(s)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+pub type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Connections from members only: each must complete a mutual-TLS handshake under the
+/// ring's authority.
+pub fn tls(listener: TcpListener, tls: Arc<RingTls>) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let gate = Arc::new(Gate::default());
+    let acceptor = tls.acceptor();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (s, from) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if !gate.admit(from.ip(), Instant::now()) {
+                gate.refused(from.ip(), "too many connections from one address");
+                continue;
+            }
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                gate.refused(from.ip(), "too many handshakes in progress");
+                continue;
+            };
+            nodelay(&s);
+            let (acceptor, tx, gate, ring) = (acceptor.clone(), tx.clone(), gate.clone(), tls.ring_id.clone());
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await;
+                drop(permit);
+                match r {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => gate.refused(from.ip(), &format!("TLS handshake failed: {e} (not a member of ring {ring}?)")),
+                    Err(_) => gate.refused(from.ip(), "TLS handshake not finished in 5 s"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_from_one_address_is_cut_and_others_pass() {
+        let g = Gate::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let admitted = (0..10_000).filter(|_| g.admit(a, t0)).count();
+        assert_eq!(admitted, BURST as usize);
+        assert!(g.admit(b, t0), "another address is not affected");
+        // One second later the bucket has refilled by PER_SECOND.
+        let t1 = t0 + Duration::from_secs(1);
+        let later = (0..10_000).filter(|_| g.admit(a, t1)).count();
+        assert_eq!(later, PER_SECOND as usize);
+    }
+}
