@@ -10,6 +10,9 @@
 #   scripts/local-ring.sh down        unmount, stop the peers (SIGTERM: they leave the ring
 #                                     cleanly)
 #
+# The ring is made with a secret (`mutualstore-fs init`): $MS_RING_DIR/ring.secret, which
+# every peer, mount and command here is given; the mount's file key is $MS_RING_DIR/fs.key.
+#
 # Environment: MS_RING_DIR (default /tmp/mutualstore-ring) holds each peer's data
 # directory, log and pid; MS_BASE_PORT (default 7001) is the first peer's port;
 # MS_CAPACITY (default 2GiB) is each peer's disk image size; MS_CODE (default 4+2) is the
@@ -21,6 +24,8 @@ BASE=${MS_BASE_PORT:-7001}
 CAP=${MS_CAPACITY:-2GiB}
 CODE=${MS_CODE:-4+2}
 BIN=${CARGO_TARGET_DIR:-target}/release/mutualstore-fs
+SECRET=$DIR/ring.secret
+KEY=$DIR/fs.key
 
 die() { echo "local-ring: $*" >&2; exit 1; }
 
@@ -37,12 +42,17 @@ up() {
   echo "building (cargo build --release)..."
   cargo build --release -q || die "build failed"
   mkdir -p "$DIR"
+  if [ ! -f "$SECRET" ]; then
+    [ -e "$DIR/p0" ] && die "$DIR holds a ring without a secret (from an older version): rm -rf $DIR first"
+    "$BIN" init --data "$DIR/p0" >"$DIR/init.out" || die "init failed: $(tail -1 "$DIR/init.out")"
+    install -m 600 "$DIR/p0/ring.secret" "$SECRET"
+  fi
   : >"$DIR/pids"
   local first="127.0.0.1:$BASE"
   for i in $(seq 0 $((n - 1))); do
     local port=$((BASE + i))
     port_busy "$port" && { down >/dev/null 2>&1 || true; die "port $port is busy (set MS_BASE_PORT)"; }
-    local args=(peer --listen "127.0.0.1:$port" --data "$DIR/p$i" --capacity "$CAP")
+    local args=(peer --listen "127.0.0.1:$port" --data "$DIR/p$i" --capacity "$CAP" --secret-file "$SECRET")
     if [ "$i" -gt 0 ]; then args+=(--join "$first"); else args+=(--code "$CODE"); fi
     nohup "$BIN" "${args[@]}" >"$DIR/p$i.log" 2>&1 </dev/null &
     echo "$!" >>"$DIR/pids"
@@ -53,19 +63,20 @@ up() {
     wait_alive "$first" $((i + 1)) || { down >/dev/null 2>&1 || true; die "peer $i did not join (logs in $DIR)"; }
   done
   sleep 2  # a couple of maintenance rounds so predecessors (and shares) settle
-  "$BIN" status --join "$first"
+  "$BIN" status --join "$first" --secret-file "$SECRET"
   mkdir -p "$mnt" || { down >/dev/null 2>&1 || true; die "cannot create mountpoint $mnt"; }
-  "$BIN" mount "$mnt" --join "$first" --log-file "$DIR/mount.log" || { down >/dev/null 2>&1 || true; die "mount at $mnt failed (log: $DIR/mount.log)"; }
+  "$BIN" mount "$mnt" --join "$first" --secret-file "$SECRET" --key-file "$KEY" --log-file "$DIR/mount.log" || { down >/dev/null 2>&1 || true; die "mount at $mnt failed (log: $DIR/mount.log)"; }
   echo "$mnt" >"$DIR/mountpoint"
   cat <<MSG
 
 A ring of $n peers is running on 127.0.0.1:$BASE..$((BASE + n - 1)), mounted at $mnt; data and logs in $DIR.
+Members prove themselves with the ring secret $SECRET; files are encrypted with the key $KEY.
   use it:         cp -r ~/photos $mnt/ ; ls $mnt ; df -h $mnt
-  another mount:  $BIN mount /some/dir --join $first
-  store a file:   $BIN put FILE --join $first          (prints a handle)
-  fetch it:       $BIN get HANDLE -o OUT --join $first
-  look at it:     $BIN status --join $first
-  drain a peer:   $BIN leave --join 127.0.0.1:$((BASE + 1))   (moves its shards away, then it exits)
+  another mount:  $BIN mount /some/dir --join $first --secret-file $SECRET --key-file $KEY
+  store a file:   $BIN put FILE --join $first --secret-file $SECRET          (prints a handle)
+  fetch it:       $BIN get HANDLE -o OUT --join $first --secret-file $SECRET
+  look at it:     $BIN status --join $first --secret-file $SECRET
+  drain a peer:   $BIN leave --join 127.0.0.1:$((BASE + 1)) --secret-file $SECRET   (moves its shards away, then it exits)
   stop it:        scripts/local-ring.sh down     (unmounts, then stops the peers)
 MSG
 }
@@ -73,7 +84,7 @@ MSG
 wait_alive() {
   local alive=0
   for _ in $(seq 1 60); do
-    alive=$("$BIN" status --join "$1" --json 2>/dev/null | grep -c '"alive": true' || true)
+    alive=$("$BIN" status --join "$1" --secret-file "$SECRET" --json 2>/dev/null | grep -c '"alive": true' || true)
     [ "$alive" -ge "$2" ] && return 0
     sleep 0.25
   done
@@ -104,6 +115,6 @@ down() {
 case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
-  status) "$BIN" status --join "127.0.0.1:$BASE" ;;
+  status) "$BIN" status --join "127.0.0.1:$BASE" --secret-file "$SECRET" ;;
   *) echo "usage: $0 up [N] [MOUNTPOINT] | status | down" >&2; exit 2 ;;
 esac

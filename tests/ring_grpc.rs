@@ -154,10 +154,9 @@ async fn files_roundtrip_and_a_restarted_peer_keeps_its_blocks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_refuses_bad_input_with_clear_status() {
     use mutualstore::rpc::pb;
-    use mutualstore::rpc::pb::peer_client::PeerClient;
     let dir = tempfile::tempdir().unwrap();
     let peers = start_ring(dir.path(), 1, GIB).await;
-    let mut c = PeerClient::connect(format!("http://{}", peers[0].addr)).await.unwrap();
+    let mut c = raw_client(&peers[0].addr).await;
 
     let e = c.hello(pb::HelloRequest { protocol_version: 999, addr: String::new() }).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
@@ -183,7 +182,7 @@ async fn the_wire_refuses_bad_input_with_clear_status() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // A message over the size limit is refused by the transport, not buffered.
     let huge = vec![0u8; mutualstore::rpc::MAX_MESSAGE_BYTES + 1024];
-    let mut big = PeerClient::connect(format!("http://{}", peers[0].addr)).await.unwrap().max_encoding_message_size(usize::MAX);
+    let mut big = raw_client(&peers[0].addr).await.max_encoding_message_size(usize::MAX);
     let e = big.put_block(pb::PutBlockRequest { key: vec![0; 20], meta: vec![], data: huge }).await.unwrap_err();
     assert!(matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument | tonic::Code::OutOfRange), "{e:?}");
     // The peer still serves after all that.

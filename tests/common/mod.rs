@@ -22,6 +22,13 @@ pub fn test_secret() -> RingSecret {
     S.get_or_init(RingSecret::generate).clone()
 }
 
+/// A raw gRPC client to a member of a test ring (TLS with the test ring's credentials),
+/// for tests that send hand-made messages.
+pub async fn raw_client(addr: &str) -> mutualstore::rpc::pb::peer_client::PeerClient<tonic::transport::Channel> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(test_tls().unwrap().client_config()).unwrap();
+    mutualstore::rpc::pb::peer_client::PeerClient::new(ep.connect().await.unwrap())
+}
+
 /// Member credentials for clients of those rings.
 pub fn test_tls() -> Option<Arc<RingTls>> {
     static T: OnceLock<Arc<RingTls>> = OnceLock::new();
