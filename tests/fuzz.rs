@@ -91,14 +91,17 @@ fn valid_requests() -> Vec<Vec<u8>> {
 }
 
 /// Feeds `bytes` to every request decoder; each message that decodes goes to its handler.
-async fn feed(svc: &PeerService, bytes: &[u8]) {
+/// Returns how many handlers ran.
+async fn feed(svc: &PeerService, bytes: &[u8]) -> u64 {
     use tonic::Request;
+    let mut ran = 0;
     macro_rules! call {
         ($ty:ty, $method:ident, $tame:expr) => {
             if let Ok(mut m) = <$ty>::decode(bytes) {
                 #[allow(clippy::redundant_closure_call)]
                 ($tame)(&mut m);
                 let _ = tokio::time::timeout(Duration::from_secs(20), svc.$method(Request::new(m))).await.expect(concat!(stringify!($method), " hung"));
+                ran += 1;
             }
         };
     }
@@ -123,6 +126,7 @@ async fn feed(svc: &PeerService, bytes: &[u8]) {
     call!(pb::GetBlockRequest, get_block, |_: &mut pb::GetBlockRequest| ());
     call!(pb::DeleteBlockRequest, delete_block, |_: &mut pb::DeleteBlockRequest| ());
     call!(pb::ListKeysRequest, list_keys, |_: &mut pb::ListKeysRequest| ());
+    ran
 }
 
 #[test]
@@ -132,17 +136,19 @@ fn fuzz_every_request_decoder_and_handler() {
     let peer = rt.block_on(mutualstore::peer::start(common::peer_config(&tmp.path().join("p"), common::GIB, None))).unwrap();
     let svc = PeerService { state: peer.state.clone() };
     let n = std::cell::Cell::new(0u64);
+    let handled = std::cell::Cell::new(0u64);
     runner()
         .run(&hostile(valid_requests()), |bytes| {
-            rt.block_on(feed(&svc, &bytes));
+            handled.set(handled.get() + rt.block_on(feed(&svc, &bytes)));
             n.set(n.get() + 1);
             Ok(())
         })
         .unwrap();
+    assert!(handled.get() > n.get(), "hostile inputs rarely decode: {} handler calls for {} inputs", handled.get(), n.get());
     // Still serving after all that.
     let info = rt.block_on(svc.peer_info(tonic::Request::new(pb::Empty {}))).expect("the peer answers after fuzzing");
     assert_eq!(info.into_inner().protocol_version, mutualstore::rpc::PROTOCOL_VERSION);
-    eprintln!("fuzz_every_request_decoder_and_handler: {} inputs", n.get());
+    eprintln!("fuzz_every_request_decoder_and_handler: {} inputs, {} handler calls", n.get(), handled.get());
 }
 
 fn valid_responses() -> Vec<Vec<u8>> {
