@@ -61,10 +61,28 @@ async fn only_holders_of_the_secret_join_or_reach_blocks() {
     let (ok, err) = tokio::task::block_in_place(|| intruder(&tmp.path().join("x2"), &entry, &["--secret-file", other.to_str().unwrap()]));
     assert!(!ok, "a peer with another ring's secret joined");
     assert!(err.contains("does not accept our ring secret"), "the refusal does not say why: {err}");
+    // A member claiming an absurd capacity is refused before it touches the ring.
+    let (ok, err) = tokio::task::block_in_place(|| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["peer", "--listen", "127.0.0.1:0", "--capacity", "4000TiB", "--join", &entry, "--secret-file", ring.secret_file.to_str().unwrap(), "--data"]);
+        let out = cmd.arg(tmp.path().join("x3")).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    assert!(!ok && err.contains("over the limit"), "a 4000 TiB peer: ok={ok} {err}");
     let st = ring.status().await.unwrap();
     assert_eq!(st.ring_size, 3, "the ring grew: {:?}", st.peers.iter().map(|p| &p.addr).collect::<Vec<_>>());
     let log = std::fs::read_to_string(ring.peers[0].as_ref().unwrap().dir.join("peer.log")).unwrap();
     assert!(log.contains("refused a connection from 127.0.0.1"), "the peer's log has no entry for the refusals");
+
+    // A storm of connections from one address is cut off at the door, logged, and the
+    // ring goes on (members hold their connections; new ones pass once it is over).
+    let storm: Vec<_> = (0..600).map(|_| tokio::net::TcpStream::connect(entry.to_string())).collect();
+    let opened = futures_util::future::join_all(storm).await.into_iter().filter(|r| r.is_ok()).count();
+    assert!(opened > 0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(ring.peers[0].as_ref().unwrap().dir.join("peer.log")).unwrap();
+    assert!(log.contains("refused a connection from 127.0.0.1: too many"), "the storm was not refused at the door");
+    assert_eq!(ring.status().await.unwrap().ring_size, 3, "the ring after a connection storm");
 
     // Nor can anyone without it read status or blocks, by CLI or by direct calls.
     let src = tmp.path().join("in");

@@ -116,7 +116,15 @@ impl RecordClient {
     pub async fn get_newer(&self, key: Id, known: u64) -> Result<Option<Record>, MetaError> {
         let mut why = String::new();
         for attempt in 0..ATTEMPTS {
-            let set = self.set_for_attempt(key, attempt).await?;
+            // A walk can fail for a moment (a hop past its deadline on a busy ring): that
+            // is one failed attempt, not the end of the read.
+            let set = match self.set_for_attempt(key, attempt).await {
+                Ok(set) => set,
+                Err(e) => {
+                    why = e.to_string();
+                    continue;
+                }
+            };
             let net = &self.stripes.net;
             // Writes are acknowledged with all copies but one, so any two replicas include
             // one with the newest version: stop waiting once two have answered (one if the
@@ -204,7 +212,15 @@ impl RecordClient {
         let mut tried = false;
         let mut refusals = 0;
         for attempt in 0..ATTEMPTS {
-            let set = self.set_for_attempt(key, attempt).await?;
+            // A walk can fail for a moment (a hop past its deadline on a busy ring): that
+            // is one failed attempt, not the end of the read.
+            let set = match self.set_for_attempt(key, attempt).await {
+                Ok(set) => set,
+                Err(e) => {
+                    why = e.to_string();
+                    continue;
+                }
+            };
             let net = &self.stripes.net;
             let insist = refusals >= INSIST_AFTER;
             let r = net.cas_record(&set[0], key, expected, deleted, data.clone(), &set[1..], durable, insist).await;

@@ -26,8 +26,18 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 struct PerAddr {
     tokens: f64,
     last: Option<Instant>,
-    refused: u64,
-    logged: Option<Instant>,
+    /// Per kind of refusal: refusals not yet reported, and when one last was.
+    refused: [u64; 2],
+    logged: [Option<Instant>; 2],
+}
+
+/// Why a connection was turned away (each kind is reported on its own).
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// Too many connections or handshakes from one address.
+    Storm = 0,
+    /// The handshake failed: not a member.
+    Handshake = 1,
 }
 
 /// Per-address token buckets and log throttling.
@@ -53,26 +63,26 @@ impl Gate {
             a.tokens -= 1.0;
             true
         } else {
-            a.refused += 1;
             false
         }
     }
 
-    /// Logs a refusal of `ip`, unless one was logged recently (then it is counted).
-    fn refused(&self, ip: IpAddr, why: &str) {
+    /// Logs a refusal of `ip`, unless one of its kind was logged recently (then it is
+    /// counted, and the count goes with the next report).
+    fn refused(&self, ip: IpAddr, kind: Refusal, why: &str) {
         let now = Instant::now();
+        let k = kind as usize;
         let mut m = self.addrs.lock();
         let a = m.entry(ip).or_default();
-        if a.logged.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
-            a.logged = Some(now);
-            let more = std::mem::take(&mut a.refused);
-            if more > 1 {
-                log::warn!("refused a connection from {ip}: {why} ({more} refused since the last report)");
+        a.refused[k] += 1;
+        if a.logged[k].is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+            a.logged[k] = Some(now);
+            let n = std::mem::take(&mut a.refused[k]);
+            if n > 1 {
+                log::warn!("refused a connection from {ip}: {why} ({n} refused since the last report)");
             } else {
                 log::warn!("refused a connection from {ip}: {why}");
             }
-        } else {
-            a.refused += 1;
         }
     }
 }
@@ -99,7 +109,7 @@ pub fn plain(listener: TcpListener) -> ReceiverStream<Result<TcpStream, std::io:
                 }
             };
             if !gate.admit(from.ip(), Instant::now()) {
-                gate.refused(from.ip(), "too many connections from one address");
+                gate.refused(from.ip(), Refusal::Storm, "too many connections from one address");
                 continue;
             }
             nodelay(&s);
@@ -131,11 +141,11 @@ pub fn tls(listener: TcpListener, tls: Arc<RingTls>) -> ReceiverStream<Result<Tl
                 }
             };
             if !gate.admit(from.ip(), Instant::now()) {
-                gate.refused(from.ip(), "too many connections from one address");
+                gate.refused(from.ip(), Refusal::Storm, "too many connections from one address");
                 continue;
             }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                gate.refused(from.ip(), "too many handshakes in progress");
+                gate.refused(from.ip(), Refusal::Storm, "too many handshakes in progress");
                 continue;
             };
             nodelay(&s);
@@ -147,8 +157,8 @@ pub fn tls(listener: TcpListener, tls: Arc<RingTls>) -> ReceiverStream<Result<Tl
                     Ok(Ok(conn)) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(e)) => gate.refused(from.ip(), &format!("TLS handshake failed: {e} (not a member of ring {ring}?)")),
-                    Err(_) => gate.refused(from.ip(), "TLS handshake not finished in 5 s"),
+                    Ok(Err(e)) => gate.refused(from.ip(), Refusal::Handshake, &format!("TLS handshake failed: {e} (not a member of ring {ring}?)")),
+                    Err(_) => gate.refused(from.ip(), Refusal::Handshake, "TLS handshake not finished in 5 s"),
                 }
             });
         }
