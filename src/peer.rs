@@ -283,7 +283,9 @@ async fn first_contact(net: &GrpcNet, b: &NetAddr, me: &NetAddr) -> Result<Code,
     for attempt in 1..=TRIES {
         match net.hello(b, me).await {
             Ok((_, code)) => return Ok(code),
-            Err(e @ (crate::ring::NetError::Refused(_) | crate::ring::NetError::Protocol(_))) => return Err(format!("cannot join via {b}: {e}")),
+            // A version mismatch will not go away; anything else may (a peer still
+            // starting, a network hiccup), so the peer keeps listening and tries again.
+            Err(e) if e.to_string().contains("protocol v") => return Err(format!("cannot join via {b}: {e}")),
             Err(e) => {
                 last = e.to_string();
                 if attempt < TRIES {
