@@ -94,25 +94,33 @@ fn nodelay(s: &TcpStream) {
     }
 }
 
+/// The next connection the gate lets in (TCP_NODELAY set); refusals are logged.
+async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        let (s, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !gate.admit(from.ip(), Instant::now()) {
+            gate.refused(from.ip(), Refusal::Storm, "too many connections from one address");
+            continue;
+        }
+        nodelay(&s);
+        return (s, from);
+    }
+}
+
 /// Plain connections (a ring without a secret), rate-limited.
 pub fn plain(listener: TcpListener) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let gate = Arc::new(Gate::default());
+    let gate = Gate::default();
     tokio::spawn(async move {
         loop {
-            let (s, from) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    log::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if !gate.admit(from.ip(), Instant::now()) {
-                gate.refused(from.ip(), Refusal::Storm, "too many connections from one address");
-                continue;
-            }
-            nodelay(&s);
+            let (s, _) = next_admitted(&listener, &gate).await;
             if tx.send(Ok(s)).await.is_err() {
                 return;
             }
@@ -132,23 +140,11 @@ pub fn tls(listener: TcpListener, tls: Arc<RingTls>) -> ReceiverStream<Result<Tl
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let (s, from) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    log::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if !gate.admit(from.ip(), Instant::now()) {
-                gate.refused(from.ip(), Refusal::Storm, "too many connections from one address");
-                continue;
-            }
+            let (s, from) = next_admitted(&listener, &gate).await;
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 gate.refused(from.ip(), Refusal::Storm, "too many handshakes in progress");
                 continue;
             };
-            nodelay(&s);
             let (acceptor, tx, gate, ring) = (acceptor.clone(), tx.clone(), gate.clone(), tls.ring_id.clone());
             tokio::spawn(async move {
                 let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await;
