@@ -111,6 +111,14 @@ async fn only_holders_of_the_secret_join_or_reach_blocks() {
     let (ok, _, err) = cli(&["get", out.trim(), "-o", back.to_str().unwrap(), "--join", &ring.addr(2), "--secret-file", ring.secret_file.to_str().unwrap()], LONG).await;
     assert!(ok, "get with the secret: {err}");
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&src).unwrap());
+
+    // No log holds the secret.
+    let secret = std::fs::read_to_string(&ring.secret_file).unwrap();
+    let hex = secret.trim().trim_start_matches("mss1-");
+    for p in ring.peers.iter().flatten() {
+        let log = std::fs::read_to_string(p.dir.join("peer.log")).unwrap();
+        assert!(!log.contains(hex), "{} logs the ring secret", p.dir.display());
+    }
 }
 
 /// A TCP relay that keeps a copy of every byte in both directions.
