@@ -371,8 +371,12 @@ async fn rejoin_vnode_via<A: Addr, T: Transport<A>>(
         (n.seen.clone(), n.addr.clone())
     };
     for via in seen.iter().rev().take(probes) {
+        // The others are asked to route around us as if we were dead: they answer with
+        // the first vnode after ours that is not ours, which is what an island lacks.
+        // (Merely not asking ourselves is not enough: everyone would keep pointing the
+        // lookup at us, and it would wander the ring.)
         let key = vnode.wrapping_add(Id::pow2(0));
-        let (l, step) = Lookup::from_addrs_excluding(key, vec![via.clone()], me.clone());
+        let (l, step) = Lookup::from_addrs_avoiding(key, vec![via.clone()], vec![me.clone()]);
         if let Ok(found) = run_lookup(Some(node), net, l, step, now_ms).await {
             let mut n = node.lock();
             let r = n.config.successor_list_len;

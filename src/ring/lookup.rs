@@ -11,6 +11,8 @@ use std::collections::HashSet;
 
 /// Bound on routing steps: Chord needs O(log N); anything past this is a routing loop.
 pub const MAX_LOOKUP_HOPS: u32 = 64;
+/// Bound on peers asked by one lookup, dead ones included.
+pub const MAX_LOOKUP_ASKS: usize = 4 * MAX_LOOKUP_HOPS as usize;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Found<A> {
@@ -24,7 +26,7 @@ pub struct Found<A> {
 pub enum LookupError {
     #[error("lookup of {key} failed: no reachable peer knows a route ({tried} peers tried)")]
     Unreachable { key: String, tried: usize },
-    #[error("lookup of {key} exceeded {MAX_LOOKUP_HOPS} hops")]
+    #[error("lookup of {key} gave up after {MAX_LOOKUP_HOPS} hops or {MAX_LOOKUP_ASKS} peers asked")]
     TooManyHops { key: String },
 }
 
@@ -69,7 +71,7 @@ impl<A: Addr> Lookup<A> {
 
     /// A lookup by a process that is not (yet) in the ring: it starts at known peers.
     pub fn from_addrs(key: Id, addrs: Vec<A>) -> (Lookup<A>, Step<A>) {
-        Self::starting_at(key, addrs, None)
+        Self::starting_at(key, addrs)
     }
 
     /// Like `from_addrs`, treating `suspects` as dead from the start (never asked unless
@@ -85,16 +87,9 @@ impl<A: Addr> Lookup<A> {
         (l, step)
     }
 
-    /// Like `from_addrs`, but never asks `exclude` (a peer checking its own place on the
-    /// ring must hear it from the others, not from its own possibly stale state).
-    pub fn from_addrs_excluding(key: Id, addrs: Vec<A>, exclude: A) -> (Lookup<A>, Step<A>) {
-        Self::starting_at(key, addrs, Some(exclude))
-    }
-
-    fn starting_at(key: Id, mut addrs: Vec<A>, exclude: Option<A>) -> (Lookup<A>, Step<A>) {
+    fn starting_at(key: Id, mut addrs: Vec<A>) -> (Lookup<A>, Step<A>) {
         addrs.reverse(); // popped from the back: the first given is asked first
         let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
-        l.asked.extend(exclude);
         let step = l.next_step();
         (l, step)
     }
@@ -154,6 +149,11 @@ impl<A: Addr> Lookup<A> {
     }
 
     fn next_step(&mut self) -> Step<A> {
+        // A lookup that keeps being sent on without ever arriving is a routing loop (or a
+        // ring mostly dead): it stops here rather than visit the whole ring.
+        if self.hops >= MAX_LOOKUP_HOPS || self.asked.len() >= MAX_LOOKUP_ASKS {
+            return Step::Failed(LookupError::TooManyHops { key: self.key.to_hex() });
+        }
         while let Some(a) = self.start_addrs.pop() {
             if self.asked.insert(a.clone()) {
                 self.current = Some(a.clone());
@@ -168,13 +168,11 @@ impl<A: Addr> Lookup<A> {
                 return Step::Ask(c.addr);
             }
         }
-        if self.hops < MAX_LOOKUP_HOPS {
-            if let Some(i) = self.referrers.iter().rposition(|(_, known)| *known < self.failed.len()) {
-                let (a, _) = self.referrers.remove(i);
-                self.current = Some(a.clone());
-                self.current_avoid = self.failed.len();
-                return Step::Ask(a);
-            }
+        if let Some(i) = self.referrers.iter().rposition(|(_, known)| *known < self.failed.len()) {
+            let (a, _) = self.referrers.remove(i);
+            self.current = Some(a.clone());
+            self.current_avoid = self.failed.len();
+            return Step::Ask(a);
         }
         Step::Failed(LookupError::Unreachable { key: self.key.to_hex(), tried: self.asked.len() })
     }

@@ -116,20 +116,35 @@ impl Oracle {
     }
 }
 
+/// Stabilization first, one peer after another (its outcome depends on the order, so it
+/// stays sequential and a seeded run replays exactly); then every vnode refreshes
+/// fingers, spread over the machine's cores.
 fn maintenance_round(net: &SimNet, fingers_per_vnode: Option<usize>) {
-    for a in net.alive_addrs() {
+    stabilize_round(net);
+    on_all_cores(&net.alive_addrs(), |&a| {
         let node = net.node(a).clone();
         let ep = net.endpoint(a);
         let ids = node.lock().vnode_ids();
         for id in &ids {
-            run_ready(driver::check_predecessor(&node, &ep, *id, net.now_ms));
-            run_ready(driver::stabilize(&node, &ep, *id, net.now_ms));
-        }
-        for id in &ids {
             let count = fingers_per_vnode.unwrap_or_else(|| driver::finger_span(&node, *id));
             run_ready(driver::fix_fingers(&node, &ep, *id, count, net.now_ms));
         }
-    }
+    });
+}
+
+/// Runs `work` for every item on all cores and returns the results in item order.
+/// Safe for finger refreshes and lookups: each changes only the asking peer's own
+/// fingers, and the owner a lookup finds does not depend on which fingers it used
+/// (routing ends on successor pointers, which nobody changes meanwhile); only the
+/// message count may differ from run to run.
+fn on_all_cores<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(items.len().max(1));
+    let chunk = items.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = items.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(work).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("simulation worker panicked")).collect()
+    })
 }
 
 /// Stabilize-only round (no finger work): cheap, repairs successor lists and predecessors.
@@ -153,11 +168,13 @@ struct LookupStats {
 fn check_lookups<R: Rng>(net: &SimNet, oracle: &Oracle, count: usize, rng: &mut R) -> LookupStats {
     let alive = net.alive_addrs();
     let mut stats = LookupStats { failed: 0, hops: Vec::with_capacity(count) };
-    for _ in 0..count {
-        let origin = alive[rng.gen_range(0..alive.len())];
-        let key = Id::from_fraction(rng.gen());
+    let asks: Vec<(SimAddr, Id)> = (0..count).map(|_| (alive[rng.gen_range(0..alive.len())], Id::from_fraction(rng.gen()))).collect();
+    let answers = on_all_cores(&asks, |&(origin, key)| {
         let node = net.node(origin).clone();
-        match run_ready(driver::lookup(&node, &net.endpoint(origin), key, net.now_ms)) {
+        run_ready(driver::lookup(&node, &net.endpoint(origin), key, net.now_ms))
+    });
+    for (&(origin, key), answer) in asks.iter().zip(answers) {
+        match answer {
             Ok(found) if Some(found.owner.id) == oracle.owner(key) && net.is_alive(found.owner.addr) => {
                 stats.hops.push(found.hops)
             }
@@ -272,6 +289,7 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
             net.now_ms += 1000;
             stabilize_round(&net);
         }
+        progress(&format!("{kill} peers failed, {STABILIZE_ROUNDS_AFTER_FAIL} stabilization rounds run, {:.0} s", started.elapsed().as_secs_f64()));
         net.now_ms += 1000;
         maintenance_round(&net, None);
         progress(&format!("{kill} peers failed and the ring stabilized, {:.0} s", started.elapsed().as_secs_f64()));
