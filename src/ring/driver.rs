@@ -195,6 +195,13 @@ pub async fn sample_ring<A: Addr, T: Transport<A>, R: Rng + Send>(
                 peer_capacity_bytes: info.peer_capacity_bytes,
                 peer_share: info.peer_share,
             });
+            // The peer's largest arc too: if the peer holds too much, that is where a
+            // cut helps (the arc just sampled may be a sliver).
+            if let Some((pred, vnode)) = info.largest_arc {
+                if !out.iter().any(|s| s.vnode == vnode) {
+                    out.push(Sample { vnode, pred, peer: at.addr.clone(), peer_capacity_bytes: info.peer_capacity_bytes, peer_share: info.peer_share });
+                }
+            }
             match info.succ.first() {
                 Some(next) => at = next.clone(),
                 None => break,
@@ -462,6 +469,22 @@ pub async fn fix_fingers<A: Addr, T: Transport<A>>(
             e
         };
         let target = vnode.wrapping_add(Id::pow2(exp));
+        // A target within our own successor list needs no lookup: the list is the run of
+        // vnodes after ours, so its first entry at or after the target owns it.
+        let local = {
+            let n = node.lock();
+            n.vnode(vnode).and_then(|v| {
+                let d = vnode.distance_to(target);
+                v.succ.last().filter(|l| vnode.distance_to(l.id) >= d)?;
+                v.succ.iter().find(|c| vnode.distance_to(c.id) >= d).cloned()
+            })
+        };
+        if let Some(owner) = local {
+            if let Some(v) = node.lock().vnode_mut(vnode) {
+                v.set_finger(exp, owner);
+            }
+            continue;
+        }
         if let Ok(found) = lookup(node, net, target, now_ms).await {
             if let Some(v) = node.lock().vnode_mut(vnode) {
                 v.set_finger(exp, found.owner);

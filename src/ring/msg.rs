@@ -26,6 +26,9 @@ pub struct NeighborsInfo<A> {
     pub succ: Vec<Contact<A>>,
     pub peer_capacity_bytes: u64,
     pub peer_share: f64,
+    /// The peer's largest arc, (pred, vnode]: where a joiner that finds the peer
+    /// over-loaded cuts (the sampled arc itself may be tiny).
+    pub largest_arc: Option<(Id, Id)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -12,7 +12,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 
 /// How many of a peer's own vnodes (those closest before a key) routing consults.
-const ROUTE_VNODES: usize = 4;
+const ROUTE_VNODES: usize = 2;
 
 /// What a peer address must support: cheap to clone, comparable, printable.
 pub trait Addr: Clone + Eq + Hash + Debug + Send + Sync + 'static {}
@@ -220,6 +220,14 @@ impl<A: Addr> Node<A> {
         self.vnodes.iter().map(|v| v.arc_fraction()).sum::<f64>().min(1.0)
     }
 
+    /// Our largest arc (pred, vnode] among vnodes whose predecessor we know.
+    pub fn largest_arc(&self) -> Option<(Id, Id)> {
+        self.vnodes
+            .iter()
+            .filter_map(|v| v.pred.as_ref().filter(|p| p.id != v.id).map(|p| (p.id, v.id)))
+            .max_by_key(|(p, v)| p.distance_to(*v))
+    }
+
     /// Our own vnode that is the first at or after `key`, with the distance to it.
     fn own_successor(&self, key: Id) -> Option<&Vnode<A>> {
         if self.vnodes.is_empty() {
@@ -303,6 +311,7 @@ impl<A: Addr> Node<A> {
                 succ: v.succ.clone(),
                 peer_capacity_bytes: self.capacity_bytes,
                 peer_share: self.keyspace_share(),
+                largest_arc: self.largest_arc(),
             },
             None => NeighborsInfo {
                 vnode_exists: false,
@@ -310,6 +319,7 @@ impl<A: Addr> Node<A> {
                 succ: Vec::new(),
                 peer_capacity_bytes: self.capacity_bytes,
                 peer_share: self.keyspace_share(),
+                largest_arc: self.largest_arc(),
             },
         }
     }

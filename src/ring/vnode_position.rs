@@ -37,6 +37,8 @@ pub fn vnode_count(capacity_bytes: u64) -> usize {
 /// A joiner samples the ring by SAMPLE_WALKS lookups of random keys, each followed by a
 /// walk of up to SAMPLE_WALK_LEN successors (one direct call each, not a lookup): a
 /// cheap way to see enough peers that every over-loaded one is found before it drifts far.
+/// Walks visit vnodes about uniformly, not by arc length, so each answer also names its
+/// peer's largest arc: an over-loaded peer is cut where its load is, not in a sliver.
 pub const SAMPLE_WALKS: usize = 16;
 pub const SAMPLE_WALK_LEN: usize = 32;
 
@@ -211,6 +213,7 @@ pub(crate) mod tests {
         let mut ring: BTreeMap<Id, usize> = BTreeMap::new();
         let mut caps: Vec<u64> = Vec::new();
         let mut share: Vec<f64> = Vec::new();
+        let mut vn: Vec<Vec<Id>> = Vec::new();
         let owner_of = |ring: &BTreeMap<Id, usize>, k: Id| -> (Id, usize) {
             let (id, p) = ring.range(k..).next().or_else(|| ring.iter().next()).expect("ring not empty");
             (*id, *p)
@@ -231,6 +234,11 @@ pub(crate) mod tests {
                         let owner = ring[&v];
                         if samples.iter().any(|s| s.vnode == v) { break; }
                         samples.push(Sample { vnode: v, pred: pred_of(&ring, v), peer: owner, peer_capacity_bytes: caps[owner], peer_share: share[owner] });
+                        // As driver::sample_ring: each answer also names the peer's largest arc.
+                        let big = vn[owner].iter().map(|id| (*id, pred_of(&ring, *id))).max_by_key(|(id, pr)| pr.distance_to(*id));
+                        if let Some((id, pr)) = big.filter(|(id, _)| !samples.iter().any(|s| s.vnode == *id)) {
+                            samples.push(Sample { vnode: id, pred: pr, peer: owner, peer_capacity_bytes: caps[owner], peer_share: share[owner] });
+                        }
                         v = owner_of(&ring, v.wrapping_add(Id::pow2(0))).0;
                     }
                 }
@@ -238,6 +246,7 @@ pub(crate) mod tests {
             };
             caps.push(cap);
             share.push(0.0);
+            vn.push(ids.clone());
             for id in ids {
                 if ring.is_empty() {
                     ring.insert(id, p);
@@ -266,6 +275,19 @@ pub(crate) mod tests {
         }
         let total: f64 = caps.iter().map(|&c| c as f64).sum();
         let ratios: Vec<f64> = (0..peers).map(|i| share[i] / (caps[i] as f64 / total)).collect();
+        // For tuning: the most and least loaded peers with their arcs, and a histogram.
+        if std::env::var("MS_MODEL_DIAG").is_ok() {
+            let mut idx: Vec<usize> = (0..peers).collect();
+            idx.sort_by(|a, b| ratios[*b].total_cmp(&ratios[*a]));
+            for &i in idx.iter().take(3).chain(idx.iter().rev().take(5)) {
+                let avg = 1.0 / ring.len() as f64;
+                let arcs: Vec<String> = ring.iter().filter(|(_, &p)| p == i).map(|(v, _)| format!("{:.2}", pred_of(&ring, *v).distance_to(*v).as_fraction() / avg)).collect();
+                eprintln!("  peer {i} cap {:.2} GiB vnodes {} ratio {:.4} arcs/avg {arcs:?}", caps[i] as f64 / (1u64 << 30) as f64, ring.values().filter(|&&p| p == i).count(), ratios[i]);
+            }
+            let mut hist = [0usize; 8];
+            for r in &ratios { hist[(((r - 0.8) / 0.05).max(0.0) as usize).min(7)] += 1; }
+            eprintln!("  histogram from 0.80 step 0.05: {hist:?}");
+        }
         let min = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
         let max = ratios.iter().cloned().fold(0.0, f64::max);
         (min, max)

@@ -73,6 +73,8 @@ pub fn neighbors_to(n: &NeighborsInfo<NetAddr>) -> pb::NeighborsResponse {
         peer_capacity_bytes: n.peer_capacity_bytes,
         peer_keyspace_share: n.peer_share,
         vnode_exists: n.vnode_exists,
+        largest_arc_pred: n.largest_arc.map(|(p, _)| p.to_bytes().to_vec()).unwrap_or_default(),
+        largest_arc_vnode: n.largest_arc.map(|(_, v)| v.to_bytes().to_vec()).unwrap_or_default(),
     }
 }
 
@@ -90,6 +92,10 @@ pub fn neighbors_from(n: &pb::NeighborsResponse) -> Result<NeighborsInfo<NetAddr
         succ: contacts_from(&n.successors)?,
         peer_capacity_bytes: n.peer_capacity_bytes,
         peer_share: share,
+        largest_arc: match (n.largest_arc_pred.is_empty(), n.largest_arc_vnode.is_empty()) {
+            (true, true) => None,
+            _ => Some((id_from(&n.largest_arc_pred, "largest_arc_pred")?, id_from(&n.largest_arc_vnode, "largest_arc_vnode")?)),
+        },
     })
 }
 
@@ -108,6 +114,8 @@ mod tests {
         assert!(contacts_from(&too_many).is_err());
         let bad_share = pb::NeighborsResponse { peer_keyspace_share: f64::NAN, ..Default::default() };
         assert!(neighbors_from(&bad_share).is_err());
+        let half_arc = pb::NeighborsResponse { largest_arc_pred: vec![0; 20], ..Default::default() };
+        assert_eq!(neighbors_from(&half_arc).unwrap_err().code(), tonic::Code::InvalidArgument);
         let found_without_owner = pb::FindNextResponse { found: true, ..Default::default() };
         assert!(route_from(&found_without_owner).is_err());
     }

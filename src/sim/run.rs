@@ -67,6 +67,9 @@ pub struct SimReport {
 }
 
 const STABILIZE_ROUNDS_AFTER_FAIL: usize = 12;
+/// Finger exponents each vnode refreshes in a maintenance round while the ring grows
+/// (a full refresh follows once every peer has joined).
+const GROWTH_FINGERS_PER_VNODE: usize = 1;
 
 pub fn successor_list_len_for(peers: usize) -> usize {
     let log = (peers.max(2) as f64).log2().ceil() as usize;
@@ -236,7 +239,7 @@ pub fn run(cfg: &SimConfig, mut progress: impl FnMut(&str)) -> SimReport {
         }
         if i + 1 >= next_maintenance {
             net.now_ms += 1000;
-            maintenance_round(&net, Some(2));
+            maintenance_round(&net, Some(GROWTH_FINGERS_PER_VNODE));
             next_maintenance = ((next_maintenance as f64) * cfg.maintenance_growth).ceil() as usize + 1;
             progress(&format!("{} peers joined, {:.0} s", i + 1, started.elapsed().as_secs_f64()));
         }
