@@ -485,6 +485,19 @@ pub async fn fix_fingers<A: Addr, T: Transport<A>>(
             }
             continue;
         }
+        // The finger we have is usually still right: one question to it (is the target
+        // past your predecessor?) confirms it, where a lookup takes log N hops.
+        let old = node.lock().vnode(vnode).and_then(|v| v.finger_for(exp).filter(|f| exp == 159 || vnode.distance_to(f.id) < Id::pow2(exp + 1)).cloned());
+        if let Some(f) = old {
+            if let Ok(RingResponse::Neighbors(info)) = call(node, net, &f.addr, RingRequest::Neighbors { vnode: f.id }, now_ms).await {
+                if info.vnode_exists && info.pred.as_ref().is_some_and(|p| target.in_open_closed(p.id, f.id)) {
+                    if let Some(v) = node.lock().vnode_mut(vnode) {
+                        v.set_finger(exp, f);
+                    }
+                    continue;
+                }
+            }
+        }
         if let Ok(found) = lookup(node, net, target, now_ms).await {
             if let Some(v) = node.lock().vnode_mut(vnode) {
                 v.set_finger(exp, found.owner);
