@@ -485,8 +485,9 @@ pub async fn fix_fingers<A: Addr, T: Transport<A>>(
             }
             continue;
         }
-        // The finger we have is usually still right: one question to it (is the target
-        // past your predecessor?) confirms it, where a lookup takes log N hops.
+        // In a settled ring the finger we have is usually still right: one question to
+        // it (is the target past your predecessor?) confirms it, where a lookup takes
+        // log N hops. (While a ring grows fast, most are stale and this is one wasted call.)
         let old = node.lock().vnode(vnode).and_then(|v| v.finger_for(exp).filter(|f| exp == 159 || vnode.distance_to(f.id) < Id::pow2(exp + 1)).cloned());
         if let Some(f) = old {
             if let Ok(RingResponse::Neighbors(info)) = call(node, net, &f.addr, RingRequest::Neighbors { vnode: f.id }, now_ms).await {

@@ -3,7 +3,7 @@
 //!
 //! Owns: delivery of ring requests between in-process nodes and the fault model. Every
 //! call completes synchronously, so the protocol futures are always ready and a seeded
-//! run replays exactly.
+//! run driven from one thread (as the tests do) replays exactly.
 
 use crate::ring::driver::Transport;
 use crate::ring::{NetError, Node, RingRequest, RingResponse};
