@@ -213,4 +213,21 @@ mod tests {
         // s still only knows d: the lookup gives up instead of looping.
         assert!(matches!(l.on_route(Route::Next(vec![c(90, "d")])), Step::Failed(_)));
     }
+
+    #[test]
+    fn a_lookup_sent_on_forever_gives_up_after_a_bounded_number_of_peers() {
+        let key = Id::from_fraction(0.5);
+        let (mut l, _) = Lookup::from_addrs(key, vec![0u32]);
+        let mut asked = 1;
+        // Every peer answers "ask someone new": a routing loop through an endless ring.
+        let step = loop {
+            let next = vec![Contact { id: Id::from_fraction(0.1 + asked as f64 * 1e-6), addr: asked }];
+            match l.on_route(Route::Next(next)) {
+                Step::Ask(_) => asked += 1,
+                other => break other,
+            }
+            assert!(asked as usize <= MAX_LOOKUP_ASKS + 1, "lookup never gave up");
+        };
+        assert!(matches!(step, Step::Failed(LookupError::TooManyHops { .. })));
+    }
 }

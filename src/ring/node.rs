@@ -506,3 +506,21 @@ impl<A: Addr> Node<A> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_arc_is_the_longest_known_one() {
+        let ids = [Id::from_fraction(0.2), Id::from_fraction(0.3), Id::from_fraction(0.9)];
+        let mut n: Node<u32> = Node::new(1, Id::from_fraction(0.0), 1 << 30, &ids, RingConfig::default());
+        assert_eq!(n.largest_arc(), None, "no predecessor known yet");
+        let pred = |f: f64| Some(Contact { id: Id::from_fraction(f), addr: 2u32 });
+        n.vnodes[0].pred = pred(0.15); // 0.05
+        n.vnodes[1].pred = pred(0.2); // 0.10
+        n.vnodes[2].pred = pred(0.85); // 0.05
+        assert_eq!(n.largest_arc(), Some((Id::from_fraction(0.2), Id::from_fraction(0.3))));
+        assert_eq!(n.neighbors(ids[0]).largest_arc, n.largest_arc());
+    }
+}
