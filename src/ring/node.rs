@@ -253,7 +253,12 @@ impl<A: Addr> Node<A> {
 
     /// As `route`, treating the peers in `avoid` as dead (the asker found them so).
     pub fn route_avoiding(&self, key: Id, avoid: &[A]) -> Route<A> {
-        if let Some(s) = self.own_successor(key) {
+        let n = self.vnodes.len();
+        // One binary search serves both the own-arc check and the choice of own vnodes
+        // (this runs once per hop of every lookup).
+        let after = self.vnodes.partition_point(|v| v.id < key);
+        if n > 0 {
+            let s = &self.vnodes[after % n];
             if let Some(p) = &s.pred {
                 if key.in_open_closed(p.id, s.id) {
                     return Route::Found { owner: self.contact(s.id), successors: s.succ.clone() };
@@ -263,10 +268,8 @@ impl<A: Addr> Node<A> {
         // The own vnode closest before the key is the only one whose successor can own
         // it; it and the few own vnodes before it hold the fingers that reach closest
         // to the key (fingers of farther vnodes halve a longer distance).
-        let n = self.vnodes.len();
         let mut candidates: Vec<Contact<A>> = Vec::with_capacity(ROUTE_VNODES * 2);
         if n > 0 {
-            let after = self.vnodes.partition_point(|v| v.id < key);
             let closest = (after + n - 1) % n;
             for k in 0..ROUTE_VNODES.min(n) {
                 let v = &self.vnodes[(closest + n - k) % n];
