@@ -54,6 +54,9 @@ pub struct Lookup<A> {
     /// once every lead is exhausted, one of them is asked again with the longer list, so
     /// it can route around a dead vnode it still points at.
     referrers: Vec<(A, usize)>,
+    /// The asking peer itself (a lookup that began from its own routing table): asking it
+    /// again costs no message, so it does not count as a hop.
+    own: Option<A>,
     hops: u32,
 }
 
@@ -63,8 +66,14 @@ pub const MAX_AVOID: usize = 16;
 impl<A: Addr> Lookup<A> {
     /// A lookup that begins with the answer of the asking peer's own routing table.
     pub fn from_route(key: Id, own: A, route: Route<A>) -> (Lookup<A>, Step<A>) {
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
-        l.asked.insert(own);
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), own: Some(own.clone()), hops: 0 };
+        l.asked.insert(own.clone());
+        // Our own answer is a referral like any other: if every contact it named is dead
+        // (fingers not yet refreshed after a mass failure), we route again avoiding them
+        // instead of giving up.
+        if matches!(route, Route::Next(_)) {
+            l.referrers.push((own, 0));
+        }
         let step = l.absorb(route, false);
         (l, step)
     }
@@ -79,7 +88,7 @@ impl<A: Addr> Lookup<A> {
     pub fn from_addrs_avoiding(key: Id, addrs: Vec<A>, mut suspects: Vec<A>) -> (Lookup<A>, Step<A>) {
         suspects.retain(|s| !addrs.contains(s));
         suspects.truncate(MAX_AVOID);
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: suspects.iter().cloned().collect(), failed: suspects, current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: Vec::new(), asked: suspects.iter().cloned().collect(), failed: suspects, current: None, current_avoid: 0, referrers: Vec::new(), own: None, hops: 0 };
         let mut addrs = addrs;
         addrs.reverse();
         l.start_addrs = addrs;
@@ -89,7 +98,7 @@ impl<A: Addr> Lookup<A> {
 
     fn starting_at(key: Id, mut addrs: Vec<A>) -> (Lookup<A>, Step<A>) {
         addrs.reverse(); // popped from the back: the first given is asked first
-        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), hops: 0 };
+        let mut l = Lookup { key, frontier: Vec::new(), start_addrs: addrs, asked: HashSet::new(), failed: Vec::new(), current: None, current_avoid: 0, referrers: Vec::new(), own: None, hops: 0 };
         let step = l.next_step();
         (l, step)
     }
@@ -105,8 +114,11 @@ impl<A: Addr> Lookup<A> {
 
     /// The asked peer answered.
     pub fn on_route(&mut self, route: Route<A>) -> Step<A> {
-        self.hops += 1;
-        if let (Route::Next(_), Some(a)) = (&route, self.current.take()) {
+        let current = self.current.take();
+        if current.is_none() || current != self.own {
+            self.hops += 1;
+        }
+        if let (Route::Next(_), Some(a)) = (&route, current) {
             self.referrers.push((a, self.current_avoid));
         }
         self.absorb(route, true)
@@ -200,6 +212,23 @@ mod tests {
         // s, avoiding d, answers with the next live successor.
         match l.on_route(Route::Found { owner: c(120, "x"), successors: vec![] }) {
             Step::Done(f) => assert_eq!(f.owner.addr, "x"),
+            _ => panic!("lookup should be done"),
+        }
+    }
+
+    #[test]
+    fn when_every_contact_of_our_own_table_is_dead_we_route_again_around_them() {
+        let key = Id::from_fraction(0.5);
+        let (mut l, step) = Lookup::from_route(key, "me", Route::Next(vec![c(90, "d1"), c(80, "d2")]));
+        assert!(matches!(step, Step::Ask("d1")));
+        assert!(matches!(l.on_failure(), Step::Ask("d2")));
+        // Both dead: our own table is consulted again, now avoiding them.
+        assert!(matches!(l.on_failure(), Step::Ask("me")));
+        assert_eq!(l.avoid(), vec!["d1", "d2"]);
+        assert!(matches!(l.on_route(Route::Next(vec![c(70, "x")])), Step::Ask("x")));
+        match l.on_route(Route::Found { owner: c(130, "o"), successors: vec![] }) {
+            // Only x's answer crossed the network.
+            Step::Done(f) => assert_eq!((f.owner.addr, f.hops), ("o", 1)),
             _ => panic!("lookup should be done"),
         }
     }

@@ -227,16 +227,21 @@ pub(crate) mod tests {
             let ids = if ring.is_empty() {
                 first_peer_positions(n, &mut rng)
             } else {
+                // As driver::sample_ring: independent walks, merged in order; each answer
+                // also names the peer's largest arc.
                 let mut samples: Vec<Sample<usize>> = Vec::new();
-                for _ in 0..SAMPLE_WALKS {
-                    let (mut v, _) = owner_of(&ring, Id::from_fraction(rng.gen()));
+                let mut seen: std::collections::HashSet<Id> = std::collections::HashSet::new();
+                for key in (0..SAMPLE_WALKS).map(|_| Id::from_fraction(rng.gen())).collect::<Vec<_>>() {
+                    let (mut v, _) = owner_of(&ring, key);
+                    let mut walked: std::collections::HashSet<Id> = std::collections::HashSet::new();
                     for _ in 0..SAMPLE_WALK_LEN {
+                        if !walked.insert(v) { break; }
                         let owner = ring[&v];
-                        if samples.iter().any(|s| s.vnode == v) { break; }
-                        samples.push(Sample { vnode: v, pred: pred_of(&ring, v), peer: owner, peer_capacity_bytes: caps[owner], peer_share: share[owner] });
-                        // As driver::sample_ring: each answer also names the peer's largest arc.
+                        if seen.insert(v) {
+                            samples.push(Sample { vnode: v, pred: pred_of(&ring, v), peer: owner, peer_capacity_bytes: caps[owner], peer_share: share[owner] });
+                        }
                         let big = vn[owner].iter().map(|id| (*id, pred_of(&ring, *id))).max_by_key(|(id, pr)| pr.distance_to(*id));
-                        if let Some((id, pr)) = big.filter(|(id, _)| !samples.iter().any(|s| s.vnode == *id)) {
+                        if let Some((id, pr)) = big.filter(|(id, _)| seen.insert(*id)) {
                             samples.push(Sample { vnode: id, pred: pr, peer: owner, peer_capacity_bytes: caps[owner], peer_share: share[owner] });
                         }
                         v = owner_of(&ring, v.wrapping_add(Id::pow2(0))).0;
