@@ -317,7 +317,7 @@ impl StripeClient {
                     inflight.insert(p.clone(), Instant::now());
                     let net = self.net.clone();
                     tasks.spawn(async move {
-                        let r = net.get_shard(&p, stripe, skip).await;
+                        let r = net.get_shard_unhashed(&p, stripe, skip).await;
                         (p, r)
                     });
                     *next += 1;
@@ -334,10 +334,12 @@ impl StripeClient {
             if read.got.len() >= k && read.got.len() > tried_decode_with {
                 tried_decode_with = read.got.len();
                 let (code, len) = (read.code.expect("set with the first shard"), read.len.expect("set with the first shard"));
-                let shards = read.got.clone();
-                let res = tokio::task::spawn_blocking(move || assemble_any(stripe, code, len, &shards))
+                // The shards go to the decoding thread and come back (no copy of 4 MiB).
+                let shards = std::mem::take(&mut read.got);
+                let (res, shards) = tokio::task::spawn_blocking(move || (assemble_any(stripe, code, len, &shards), shards))
                     .await
                     .map_err(|e| StripeError::Internal(format!("decode task failed: {e}")))?;
+                read.got = shards;
                 match res {
                     Ok(data) => {
                         self.suspect_stragglers(&inflight);
@@ -349,6 +351,19 @@ impl StripeClient {
                     Err(e) => {
                         read.errors.push(e);
                         read.forged = true;
+                        // Shards are fetched without hashing them (the decoded stripe is
+                        // checked instead): now find the bad ones, so that others replace them.
+                        let got = std::mem::take(&mut read.got);
+                        let (got, ok) = tokio::task::spawn_blocking(move || {
+                            let ok: Vec<bool> = got.iter().map(|s| s.meta.verifies(&s.data)).collect();
+                            (got, ok)
+                        })
+                        .await
+                        .map_err(|e| StripeError::Internal(format!("verify task failed: {e}")))?;
+                        read.got = got;
+                        if read.drop_unverified(&ok) > 0 {
+                            tried_decode_with = 0; // what is left may decode now
+                        }
                         launch(&mut tasks, &mut inflight, &mut next, peers.len(), 0);
                     }
                 }
@@ -372,7 +387,7 @@ impl StripeClient {
                                     let mask = read.mask;
                                     inflight.insert(peer.clone(), Instant::now());
                                     let net = self.net.clone();
-                                    tasks.spawn(async move { let r = net.get_shard(&peer, stripe, mask).await; (peer, r) });
+                                    tasks.spawn(async move { let r = net.get_shard_unhashed(&peer, stripe, mask).await; (peer, r) });
                                 } else {
                                     read.errors.push(format!("{peer}: {why}"));
                                     launch(&mut tasks, &mut inflight, &mut next, 1, 0);
@@ -476,6 +491,25 @@ struct Read {
 }
 
 impl Read {
+    /// Drops the shards whose `ok` is false (they fail their own hash): their peers are
+    /// liars, and their indexes may be fetched again from others. Returns how many.
+    fn drop_unverified(&mut self, ok: &[bool]) -> usize {
+        let mut dropped = 0;
+        let (got, from) = (std::mem::take(&mut self.got), std::mem::take(&mut self.from));
+        for ((shard, peer), good) in got.into_iter().zip(from).zip(ok.iter().copied().chain(std::iter::repeat(true))) {
+            if good {
+                self.got.push(shard);
+                self.from.push(peer);
+            } else {
+                dropped += 1;
+                self.mask &= !(1u64 << shard.meta.index);
+                self.errors.push(format!("{peer} sent shard {} that fails its hash", shard.meta.index));
+                self.liars.push(peer);
+            }
+        }
+        dropped
+    }
+
     fn accept(&mut self, s: Shard, from: &NetAddr) -> Result<(), String> {
         if s.meta.stripe != self.stripe {
             return Err("shard of another stripe".into());
@@ -503,8 +537,7 @@ pub fn assemble_any(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Res
     let mut attempts = 0;
     let mut pick: Vec<usize> = (0..k).collect();
     loop {
-        let subset: Vec<Shard> = pick.iter().map(|&i| shards[i].clone()).collect();
-        match assemble(stripe, code, len, &subset) {
+        match assemble(stripe, code, len, pick.iter().map(|&i| &shards[i])) {
             Ok(d) => return Ok(d),
             Err(e) => {
                 first_err.get_or_insert(e);

@@ -55,8 +55,9 @@ pub fn encode(code: Code, data: &[u8]) -> Result<Vec<Vec<u8>>, CodecError> {
     Ok(shards)
 }
 
-/// The stripe's `len` bytes from any k of its shards (`None` for a missing one).
-pub fn decode(code: Code, len: usize, shards: &[Option<Vec<u8>>]) -> Result<Vec<u8>, CodecError> {
+/// The stripe's `len` bytes from any k of its shards (`None` for a missing one). Present
+/// data shards are copied once, straight into the result (this runs for every chunk read).
+pub fn decode<S: AsRef<[u8]>>(code: Code, len: usize, shards: &[Option<S>]) -> Result<Vec<u8>, CodecError> {
     let (k, m) = (code.k as usize, code.m as usize);
     let sl = shard_len(code, len);
     if shards.len() != k + m {
@@ -64,8 +65,8 @@ pub fn decode(code: Code, len: usize, shards: &[Option<Vec<u8>>]) -> Result<Vec<
     }
     for (i, s) in shards.iter().enumerate() {
         if let Some(s) = s {
-            if s.len() != sl {
-                return Err(CodecError::BadShardLength { index: i, got: s.len(), want: sl });
+            if s.as_ref().len() != sl {
+                return Err(CodecError::BadShardLength { index: i, got: s.as_ref().len(), want: sl });
             }
         }
     }
@@ -73,43 +74,52 @@ pub fn decode(code: Code, len: usize, shards: &[Option<Vec<u8>>]) -> Result<Vec<
     if have < k {
         return Err(CodecError::TooFewShards { need: k, have });
     }
-    let mut originals: Vec<Option<Vec<u8>>> = shards[..k].to_vec();
-    let missing: Vec<usize> = (0..k).filter(|&i| originals[i].is_none()).collect();
+    if len > k * sl {
+        return Err(CodecError::BadStripeLength { len, k, shard_len: sl });
+    }
+    let missing: Vec<usize> = (0..k).filter(|&i| shards[i].is_none()).collect();
+    // Rebuilt data shards, by index (only the missing ones are filled).
+    let mut rebuilt: Vec<Option<Vec<u8>>> = vec![None; k];
     if !missing.is_empty() {
         if m == 1 {
             // One data shard missing (have >= k means the parity is present).
-            let mut acc = shards[k].clone().expect("parity present when a data shard is missing");
-            for s in originals.iter().flatten() {
-                xor_into(&mut acc, s);
+            let mut acc = shards[k].as_ref().expect("parity present when a data shard is missing").as_ref().to_vec();
+            for s in shards[..k].iter().flatten() {
+                xor_into(&mut acc, s.as_ref());
             }
-            originals[missing[0]] = Some(acc);
+            rebuilt[missing[0]] = Some(acc);
         } else {
             let mut dec = reed_solomon_simd::ReedSolomonDecoder::new(k, m, sl).map_err(|e| CodecError::Codec(e.to_string()))?;
-            for (i, s) in originals.iter().enumerate() {
+            for (i, s) in shards[..k].iter().enumerate() {
                 if let Some(s) = s {
-                    dec.add_original_shard(i, s).map_err(|e| CodecError::Codec(e.to_string()))?;
+                    dec.add_original_shard(i, s.as_ref()).map_err(|e| CodecError::Codec(e.to_string()))?;
                 }
             }
             for (j, s) in shards[k..].iter().enumerate() {
                 if let Some(s) = s {
-                    dec.add_recovery_shard(j, s).map_err(|e| CodecError::Codec(e.to_string()))?;
+                    dec.add_recovery_shard(j, s.as_ref()).map_err(|e| CodecError::Codec(e.to_string()))?;
                 }
             }
             let restored = dec.decode().map_err(|e| CodecError::Codec(e.to_string()))?;
             for &i in &missing {
                 let r = restored.restored_original(i).ok_or_else(|| CodecError::Codec(format!("shard {i} not restored")))?;
-                originals[i] = Some(r.to_vec());
+                rebuilt[i] = Some(r.to_vec());
             }
         }
     }
-    if len > k * sl {
-        return Err(CodecError::BadStripeLength { len, k, shard_len: sl });
+    let mut out = Vec::with_capacity(len);
+    for i in 0..k {
+        let want = (len - out.len()).min(sl);
+        if want == 0 {
+            break;
+        }
+        let part: &[u8] = match (&shards[i], &rebuilt[i]) {
+            (Some(s), _) => s.as_ref(),
+            (None, Some(r)) => r,
+            (None, None) => return Err(CodecError::Codec(format!("shard {i} not restored"))),
+        };
+        out.extend_from_slice(&part[..want]);
     }
-    let mut out = Vec::with_capacity(k * sl);
-    for s in originals.into_iter().flatten() {
-        out.extend_from_slice(&s);
-    }
-    out.truncate(len);
     Ok(out)
 }
 

@@ -127,14 +127,14 @@ pub fn make_stripe(code: Code, data: &[u8]) -> Result<(Id, Vec<Shard>), super::c
 
 /// Decodes a stripe from verified shards (any order, any k of them) and checks the result
 /// against the stripe key; a decode that does not hash to the key is an error, never data.
-pub fn assemble(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Result<Vec<u8>, String> {
-    let mut slots: Vec<Option<Vec<u8>>> = vec![None; code.total() as usize];
+pub fn assemble<'a>(stripe: Id, code: Code, len: usize, shards: impl IntoIterator<Item = &'a Shard>) -> Result<Vec<u8>, String> {
+    let mut slots: Vec<Option<&[u8]>> = vec![None; code.total() as usize];
     for s in shards {
-        // Each shard's own hash is checked where it is fetched (GrpcNet::get_shard) or
-        // read from disk; here only the decoded whole is checked, against the stripe key,
-        // which is what no peer can forge.
+        // Only the decoded whole is checked here, against the stripe key, which is what
+        // no peer can forge; a reader checks shards' own hashes only to find a bad one
+        // after a failed decode (`Read::drop_unverified`).
         if s.meta.stripe == stripe && s.meta.code == code && s.meta.stripe_len as usize == len && s.data.len() == s.meta.shard_len() {
-            slots[s.meta.index as usize] = Some(s.data.clone());
+            slots[s.meta.index as usize] = Some(&s.data);
         }
     }
     let data = super::codec::decode(code, len, &slots).map_err(|e| e.to_string())?;

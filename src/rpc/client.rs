@@ -225,13 +225,24 @@ impl GrpcNet {
 
     /// One intact shard of `stripe` that `addr` holds, other than those in `skip_mask`.
     /// The answer is checked here: a shard whose header or bytes do not match is an error.
+    /// A shard of `stripe` (not one of the indexes in `skip_mask`), checked against its
+    /// own hash.
     pub async fn get_shard(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
-        let r = self.get_shard_inner(addr, stripe, skip_mask).await;
+        let r = self.get_shard_inner(addr, stripe, skip_mask, true).await;
         self.observe(addr, &r);
         r
     }
 
-    async fn get_shard_inner(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
+    /// As `get_shard` without hashing the bytes: for a reader that checks the decoded
+    /// stripe against its key anyway (hashing every shard too cost a second SHA-1 pass
+    /// over everything read) and hashes shards only when a decode fails.
+    pub async fn get_shard_unhashed(&self, addr: &NetAddr, stripe: Id, skip_mask: u64) -> Result<Option<Shard>, NetError> {
+        let r = self.get_shard_inner(addr, stripe, skip_mask, false).await;
+        self.observe(addr, &r);
+        r
+    }
+
+    async fn get_shard_inner(&self, addr: &NetAddr, stripe: Id, skip_mask: u64, hash: bool) -> Result<Option<Shard>, NetError> {
         let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
         let req = Self::request(pb::GetShardRequest { stripe: stripe.to_bytes().to_vec(), skip_mask }, BLOCK_CALL_TIMEOUT);
         let r = with_deadline(BLOCK_CALL_TIMEOUT, c.get_shard(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
@@ -242,7 +253,7 @@ impl GrpcNet {
         if meta.stripe != stripe || skip_mask & (1u64 << meta.index) != 0 {
             return Err(NetError::Protocol(format!("{addr} answered with a shard of another stripe or index")));
         }
-        if !meta.verifies(&r.data) {
+        if r.data.len() != meta.shard_len() || (hash && !meta.verifies(&r.data)) {
             return Err(NetError::Protocol(format!("{addr} sent shard {} of stripe {} that fails its hash", meta.index, stripe.to_hex())));
         }
         Ok(Some(Shard { meta, data: r.data }))
