@@ -9,6 +9,7 @@ use common::mount::Mount;
 use common::procs::*;
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,16 @@ fn two_mounts_see_one_consistent_tree() {
     let reads = reader.join().expect("reader saw a torn or short file");
     assert!(reads > 0);
     assert_eq!(fs::read(b.path("torn")).unwrap(), vec![12u8; len]);
+
+    // A link made on B while A's cache still says one name: A's unlink of its name
+    // must not delete the file (A deletes the record only at a version with one link).
+    fs::write(a.path("ln"), b"two names").unwrap();
+    assert_eq!(fs::metadata(a.path("ln")).unwrap().nlink(), 1);
+    fs::hard_link(b.path("ln"), b.path("ln2")).unwrap();
+    fs::remove_file(a.path("ln")).unwrap();
+    assert_eq!(fs::read(b.path("ln2")).unwrap(), b"two names");
+    assert_eq!(fs::read(a.path("ln2")).unwrap(), b"two names");
+    assert_eq!(fs::metadata(b.path("ln2")).unwrap().nlink(), 1);
 
     // Concurrent creates, renames and unlinks in one directory from both mounts.
     fs::create_dir(a.path("c")).unwrap();
