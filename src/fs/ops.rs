@@ -171,28 +171,46 @@ impl Fs {
         Err(FsError::Io(format!("inode {ino}: gave up after {MAX_SWAPS} conflicting updates")))
     }
 
-    /// Deletes the inode's record if it is still at `version` (or whatever it is now,
-    /// if `check` accepts it), and reclaims its chunks.
+    /// Deletes the inode's record and reclaims its chunks.
     async fn destroy(&self, ino: u64) -> FsResult<()> {
-        let (mut version, mut cur) = self.load(ino, Duration::ZERO).await?;
+        if self.destroy_unless(ino, Duration::ZERO, |_| false).await? {
+            Ok(())
+        } else {
+            Err(FsError::Io(format!("inode {ino}: could not delete it")))
+        }
+    }
+
+    /// Deletes the inode's record (and reclaims its chunks) by a CAS at the version this
+    /// mount has (no older than `max_age`), unless `keep` says that version must stay; a
+    /// conflict re-reads and asks `keep` again. Returns true once the record is gone.
+    async fn destroy_unless(&self, ino: u64, max_age: Duration, keep: impl Fn(&Inode) -> bool) -> FsResult<bool> {
+        let (mut version, mut cur) = match self.load(ino, max_age).await {
+            Ok(x) => x,
+            Err(FsError::NotFound) => return Ok(true),
+            Err(e) => return Err(e),
+        };
         for _ in 0..MAX_SWAPS {
+            if keep(&cur) {
+                return Ok(false);
+            }
             match self.records.cas(self.key(ino), version, None).await? {
                 Swap::Done(_) => {
                     self.forget(ino);
                     self.reclaimer.reclaim(cur.chunks.iter().filter_map(chunk::stripe_id).collect());
-                    return Ok(());
+                    return Ok(true);
                 }
                 Swap::Conflict(rec) => {
                     if !rec.exists() {
                         self.forget(ino);
-                        return Ok(());
+                        return Ok(true);
                     }
                     version = rec.version;
                     cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
+                    self.remember(ino, version, cur.clone());
                 }
             }
         }
-        Err(FsError::Io(format!("inode {ino}: could not delete it")))
+        Ok(false)
     }
 
     /// The inode as this mount sees it, unpublished writes included.
@@ -559,33 +577,7 @@ impl Fs {
         if self.files.lock().contains_key(&ino) {
             return Ok(false);
         }
-        let (mut version, mut cur) = match self.load(ino, ATTR_TTL).await {
-            Ok(x) => x,
-            Err(FsError::NotFound) => return Ok(true),
-            Err(e) => return Err(e),
-        };
-        for _ in 0..MAX_SWAPS {
-            if cur.nlink > 1 || cur.is_dir() {
-                return Ok(false);
-            }
-            match self.records.cas(self.key(ino), version, None).await? {
-                Swap::Done(_) => {
-                    self.forget(ino);
-                    self.reclaimer.reclaim(cur.chunks.iter().filter_map(chunk::stripe_id).collect());
-                    return Ok(true);
-                }
-                Swap::Conflict(rec) => {
-                    if !rec.exists() {
-                        self.forget(ino);
-                        return Ok(true);
-                    }
-                    version = rec.version;
-                    cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
-                    self.remember(ino, version, cur.clone());
-                }
-            }
-        }
-        Ok(false)
+        self.destroy_unless(ino, ATTR_TTL, |i| i.nlink > 1 || i.is_dir()).await
     }
 
     async fn drop_link(&self, ino: u64) -> FsResult<()> {
