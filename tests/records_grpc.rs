@@ -123,7 +123,7 @@ async fn clients_and_peers_agree_on_every_keys_primary() {
         if walk[0] != truth {
             let w = mutualstore::ring::driver::walk_from(&*c.stripes.net, vec![peers[0].addr.clone()], k, 2).await.unwrap();
             let near: Vec<String> = o.range(k..).take(4).map(|(id, a)| format!("{} {a}", &id.to_hex()[..8])).collect();
-            let ws: Vec<String> = w.iter().take(4).map(|c| format!("{} {}", &c.id.to_hex()[..8], c.addr)).collect();
+            let ws: Vec<String> = w.vnodes.iter().take(4).map(|c| format!("{} {}", &c.id.to_hex()[..8], c.addr)).collect();
             bad.push(format!("key {k}: client walk says {}, oracle {truth}; fresh walk {ws:?}; oracle {near:?}", walk[0]));
         }
         for p in &peers {

@@ -13,10 +13,11 @@
 use super::placement::distinct_peers;
 use super::stripe::{assemble, make_stripe, Shard};
 use super::Code;
-use crate::ring::{driver, Contact, Id, NetError};
+use crate::ring::driver::{self, Walk};
+use crate::ring::{Id, NetError};
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -72,45 +73,54 @@ const NARROW_AFTER_RETRIES: usize = 10;
 /// Whole-stripe write attempts (each with a fresh walk that avoids peers that failed).
 const WRITE_ATTEMPTS: usize = 3;
 
-/// Recent walks of the ring. A walk from key S starts at the owner of S, so any key in
-/// [S, first] has the same first peers. Entries expire so joins and leaves show.
+/// Recent walks of the ring, one per owner vnode, keyed by that vnode's id. A walk
+/// serves every key of its owner's arc as the lookup's last peer knew it: a file's
+/// inodes and stripes have random keys, and a cache that served only keys between the
+/// looked-up one and the owner missed nearly every time (each miss a lookup of several
+/// hops). Deeper entries of a walk come from successor lists, which can lag behind a
+/// join for a few rounds, so they are never used to place other keys. Entries expire
+/// so joins and leaves show; a primary that disagrees refuses the write and the writer
+/// walks again.
 #[derive(Default)]
 struct WalkCache {
-    walks: Vec<(Id, Vec<Contact<NetAddr>>, Instant)>,
+    walks: BTreeMap<Id, (Walk<NetAddr>, Instant)>,
 }
 
 const WALK_CACHE_TTL: Duration = Duration::from_secs(5);
-const WALK_CACHE_LEN: usize = 64;
+/// A ring of 4,096 vnodes is cached whole; a larger one keeps its recently used arcs.
+const WALK_CACHE_LEN: usize = 4096;
 
 impl WalkCache {
-    /// Serves keys that the walk's first vnode owns, (from, first]: that vnode's owner
-    /// was found by a lookup, which ends at the peer whose own view says so. Later
-    /// entries come from successor lists, whose deeper entries can lag behind a join for
-    /// a few rounds; trusting them for other keys made two clients disagree on a key's
-    /// first peer, and so on a record's primary.
     fn peers_for(&mut self, key: Id, n: usize) -> Option<Vec<NetAddr>> {
-        self.walks.retain(|(_, _, t)| t.elapsed() < WALK_CACHE_TTL);
-        for (from, walk, _) in &self.walks {
-            let first = walk.first()?.id;
-            if !(key == *from || key.in_open_closed(*from, first)) {
-                continue;
-            }
-            let peers = distinct_peers(walk, n);
-            if peers.len() >= n {
-                return Some(peers);
-            }
+        // The owner is the first cached vnode at or after the key, or (an arc that wraps
+        // past zero) the first of all.
+        let (&owner, (walk, at)) = self.walks.range(key..).next().or_else(|| self.walks.iter().next())?;
+        if at.elapsed() >= WALK_CACHE_TTL {
+            self.walks.remove(&owner);
+            return None;
         }
-        None
+        if !walk.covers(key) {
+            return None;
+        }
+        let peers = distinct_peers(&walk.vnodes, n);
+        (peers.len() >= n).then_some(peers)
     }
 
-    fn insert(&mut self, from: Id, walk: Vec<Contact<NetAddr>>) {
-        if walk.is_empty() {
-            return;
+    fn insert(&mut self, walk: Walk<NetAddr>) {
+        let Some(owner) = walk.vnodes.first().map(|c| c.id) else { return };
+        // Cached vnodes inside the new arc are gone, as far as the newer answer knows.
+        let inside: Vec<Id> = self.walks.keys().filter(|&&id| id.in_open_open(walk.arc_from, owner)).copied().collect();
+        for id in inside {
+            self.walks.remove(&id);
         }
         if self.walks.len() >= WALK_CACHE_LEN {
-            self.walks.remove(0);
+            self.walks.retain(|_, (_, t)| t.elapsed() < WALK_CACHE_TTL);
+            if self.walks.len() >= WALK_CACHE_LEN {
+                let oldest = self.walks.iter().min_by_key(|(_, (_, t))| *t).map(|(id, _)| *id);
+                oldest.map(|id| self.walks.remove(&id));
+            }
         }
-        self.walks.push((from, walk, Instant::now()));
+        self.walks.insert(owner, (walk, Instant::now()));
     }
 }
 
@@ -162,8 +172,8 @@ impl StripeClient {
             }
         }
         let walk = driver::walk_from(&*self.net, self.start.clone(), key, n).await.map_err(|e| StripeError::Lookup(e.to_string()))?;
-        let peers = distinct_peers(&walk, n);
-        self.walks.lock().insert(key, walk);
+        let peers = distinct_peers(&walk.vnodes, n);
+        self.walks.lock().insert(walk);
         Ok(peers)
     }
 
@@ -568,21 +578,33 @@ fn next_combination(pick: &mut [usize], n: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::Contact;
 
     #[test]
     fn the_walk_cache_places_only_keys_its_first_vnode_owns() {
         let f = |x: f64| Id::from_fraction(x);
         let c = |x: f64, a: &str| Contact { id: f(x), addr: NetAddr::from(a) };
         let mut w = WalkCache::default();
-        w.insert(f(0.10), vec![c(0.20, "a"), c(0.30, "b"), c(0.40, "a"), c(0.50, "c"), c(0.60, "d")]);
+        w.insert(Walk { arc_from: f(0.10), vnodes: vec![c(0.20, "a"), c(0.30, "b"), c(0.40, "a"), c(0.50, "c"), c(0.60, "d")] });
         let p = |v: &[&str]| v.iter().map(|s| NetAddr::from(*s)).collect::<Vec<_>>();
         assert_eq!(w.peers_for(f(0.15), 3), Some(p(&["a", "b", "c"])));
         assert_eq!(w.peers_for(f(0.20), 2), Some(p(&["a", "b"])));
+        assert_eq!(w.peers_for(f(0.11), 1), Some(p(&["a"])), "the whole arc is served");
         assert_eq!(w.peers_for(f(0.15), 5), None, "not enough peers in the walk");
         // Deeper entries come from successor lists that may lag a join: not trusted.
         assert_eq!(w.peers_for(f(0.25), 1), None, "owned by a later vnode of the walk");
-        assert_eq!(w.peers_for(f(0.05), 1), None, "before the walk's start");
+        assert_eq!(w.peers_for(f(0.10), 1), None, "the arc's start belongs to the vnode before");
+        assert_eq!(w.peers_for(f(0.05), 1), None, "before the arc");
         assert_eq!(w.peers_for(f(0.65), 1), None, "past the walk's end");
+        // An arc that wraps past zero serves keys on both sides of it.
+        w.insert(Walk { arc_from: f(0.90), vnodes: vec![c(0.05, "e"), c(0.20, "a")] });
+        assert_eq!(w.peers_for(f(0.95), 1), Some(p(&["e"])));
+        assert_eq!(w.peers_for(f(0.01), 2), Some(p(&["e", "a"])));
+        assert_eq!(w.peers_for(f(0.15), 1), Some(p(&["a"])), "the other arc is still there");
+        // A newer answer whose arc holds a cached vnode says that vnode is gone.
+        w.insert(Walk { arc_from: f(0.12), vnodes: vec![c(0.25, "f")] });
+        assert_eq!(w.peers_for(f(0.15), 1), Some(p(&["f"])));
+        assert_eq!(w.peers_for(f(0.11), 1), None, "the rest of the gone vnode's arc is unknown");
     }
 
     #[test]

@@ -25,7 +25,8 @@ use super::stripe::{make_stripe, Shard, ShardMeta};
 use super::client::assemble_any;
 use super::Code;
 use crate::blockstore::{BlockKey, DiskImage};
-use crate::ring::{driver, Contact, Id};
+use crate::ring::driver::{self, Walk};
+use crate::ring::Id;
 use crate::rpc::client::GrpcNet;
 use crate::rpc::server::PeerState;
 use crate::rpc::NetAddr;
@@ -205,16 +206,12 @@ impl Upkeep {
     /// the set, from as few lookups as possible: stripes up to a walk's first vnode share it.
     async fn walks(&self, stripes: &[LocalStripe], extra: usize) -> Vec<Option<Vec<NetAddr>>> {
         let mut out = Vec::with_capacity(stripes.len());
-        let mut cached: Option<(Id, Vec<Contact<NetAddr>>)> = None;
+        let mut cached: Option<Walk<NetAddr>> = None;
         for s in stripes {
             let n = s.code.total() as usize + extra;
-            let reuse = match &cached {
-                Some((from, walk)) => s.stripe.in_open_closed(*from, walk[0].id) || s.stripe == *from,
-                None => false,
-            };
-            if !reuse {
+            if !cached.as_ref().is_some_and(|w| w.covers(s.stripe)) {
                 match driver::walk_from(&*self.net, vec![self.me.clone()], s.stripe, n + 2).await {
-                    Ok(w) if !w.is_empty() => cached = Some((s.stripe, w)),
+                    Ok(w) if !w.vnodes.is_empty() => cached = Some(w),
                     _ => {
                         cached = None;
                         out.push(None);
@@ -222,7 +219,7 @@ impl Upkeep {
                     }
                 }
             }
-            let walk = &cached.as_ref().expect("set above").1;
+            let walk = &cached.as_ref().expect("set above").vnodes;
             out.push(Some(distinct_peers(walk, n)));
         }
         out
@@ -389,21 +386,20 @@ impl Upkeep {
         .unwrap_or_default();
         self.record_cursor = keys.last().copied();
         let r = self.state.code.m as usize + 1;
-        let mut cached: Option<(Id, Vec<Contact<NetAddr>>)> = None;
+        let mut cached: Option<Walk<NetAddr>> = None;
         let mut pushed = 0u64;
         for k in keys {
             let key = Id::from_bytes(&k);
-            let reuse = cached.as_ref().is_some_and(|(from, walk)| key == *from || key.in_open_closed(*from, walk[0].id));
-            if !reuse {
+            if !cached.as_ref().is_some_and(|w| w.covers(key)) {
                 match driver::walk_from(&*self.net, vec![self.me.clone()], key, r + 2).await {
-                    Ok(w) if !w.is_empty() => cached = Some((key, w)),
+                    Ok(w) if !w.vnodes.is_empty() => cached = Some(w),
                     _ => {
                         cached = None;
                         continue;
                     }
                 }
             }
-            let set = distinct_peers(&cached.as_ref().expect("set above").1, r);
+            let set = distinct_peers(&cached.as_ref().expect("set above").vnodes, r);
             let Ok(mine) = self.state.records.local(key).await else { continue };
             if mine.version == 0 {
                 continue;

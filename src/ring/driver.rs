@@ -114,12 +114,30 @@ pub async fn neighbors<A: Addr, T: Transport<A>>(net: &T, c: &Contact<A>) -> Res
     }
 }
 
+/// A walk of the ring: the owner of a key and the vnodes after it.
+#[derive(Clone, Debug)]
+pub struct Walk<A> {
+    /// The owner's arc begins just after this id: every key in (arc_from, vnodes[0]] has
+    /// this same walk. When the lookup's last peer did not know the arc's start, it is
+    /// the looked-up key minus one, so only keys from the looked-up one on are covered.
+    pub arc_from: Id,
+    pub vnodes: Vec<Contact<A>>,
+}
+
+impl<A> Walk<A> {
+    /// Whether `key` has this walk (the walk's first vnode owns it).
+    pub fn covers(&self, key: Id) -> bool {
+        self.vnodes.first().is_some_and(|owner| key.in_open_closed(self.arc_from, owner.id))
+    }
+}
+
 /// The owner of `key` and the vnodes after it, walked until `peers` distinct peers are
 /// seen or the walk comes back around (a ring smaller than `peers` gives all it has).
 /// A lookup answer carries a successor list; the walk asks further only when vnodes of
 /// the same peers fill that list.
-pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id, peers: usize) -> Result<Vec<Contact<A>>, LookupError> {
+pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id, peers: usize) -> Result<Walk<A>, LookupError> {
     let found = lookup_via(net, start.clone(), key).await?;
+    let arc_from = found.arc_from.unwrap_or_else(|| key.wrapping_sub(Id::pow2(0)));
     let mut walk: Vec<Contact<A>> = vec![found.owner.clone()];
     walk.extend(found.successors.iter().filter(|c| c.id != found.owner.id).cloned());
     let distinct = |w: &[Contact<A>]| {
@@ -168,7 +186,7 @@ pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id
             break;
         }
     }
-    Ok(walk)
+    Ok(Walk { arc_from, vnodes: walk })
 }
 
 /// Samples the ring for vnode placement: SAMPLE_WALKS random lookups, each followed by

@@ -18,6 +18,8 @@ pub const MAX_LOOKUP_ASKS: usize = 4 * MAX_LOOKUP_HOPS as usize;
 pub struct Found<A> {
     pub owner: Contact<A>,
     pub successors: Vec<Contact<A>>,
+    /// The owner's arc is (arc_from, owner], if the answering peer knew its start.
+    pub arc_from: Option<Id>,
     /// Remote FindNext calls it took (0 when the asking peer knew the answer itself).
     pub hops: u32,
 }
@@ -136,8 +138,10 @@ impl<A: Addr> Lookup<A> {
 
     fn absorb(&mut self, route: Route<A>, remote: bool) -> Step<A> {
         match route {
-            Route::Found { owner, successors } => {
-                Step::Done(Found { owner, successors, hops: if remote { self.hops } else { 0 } })
+            Route::Found { owner, successors, arc_from } => {
+                // An arc that does not hold the key is a confused answer: use no arc.
+                let arc_from = arc_from.filter(|&f| self.key.in_open_closed(f, owner.id));
+                Step::Done(Found { owner, successors, arc_from, hops: if remote { self.hops } else { 0 } })
             }
             Route::Next(list) => {
                 let key = self.key;
@@ -210,8 +214,8 @@ mod tests {
         assert!(matches!(l.on_failure(), Step::Ask("s")));
         assert_eq!(l.avoid(), vec!["d"]);
         // s, avoiding d, answers with the next live successor.
-        match l.on_route(Route::Found { owner: c(120, "x"), successors: vec![] }) {
-            Step::Done(f) => assert_eq!(f.owner.addr, "x"),
+        match l.on_route(Route::Found { owner: c(120, "x"), successors: vec![], arc_from: Some(Id::from_fraction(80.0 / 256.0)) }) {
+            Step::Done(f) => assert_eq!((f.owner.addr, f.arc_from), ("x", Some(Id::from_fraction(80.0 / 256.0)))),
             _ => panic!("lookup should be done"),
         }
     }
@@ -226,9 +230,10 @@ mod tests {
         assert!(matches!(l.on_failure(), Step::Ask("me")));
         assert_eq!(l.avoid(), vec!["d1", "d2"]);
         assert!(matches!(l.on_route(Route::Next(vec![c(70, "x")])), Step::Ask("x")));
-        match l.on_route(Route::Found { owner: c(130, "o"), successors: vec![] }) {
+        // An arc that does not hold the key is a confused answer and is not passed on.
+        match l.on_route(Route::Found { owner: c(130, "o"), successors: vec![], arc_from: Some(Id::from_fraction(0.505)) }) {
             // Only x's answer crossed the network.
-            Step::Done(f) => assert_eq!((f.owner.addr, f.hops), ("o", 1)),
+            Step::Done(f) => assert_eq!((f.owner.addr, f.hops, f.arc_from), ("o", 1, None)),
             _ => panic!("lookup should be done"),
         }
     }

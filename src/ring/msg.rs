@@ -13,8 +13,10 @@ pub struct Contact<A> {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Route<A> {
-    /// `owner` owns the key; `successors` follow it on the ring (closest first).
-    Found { owner: Contact<A>, successors: Vec<Contact<A>> },
+    /// `owner` owns the key; `successors` follow it on the ring (closest first). The
+    /// owner's whole arc is (`arc_from`, owner] as far as the answering peer knows (None:
+    /// it does not know), so a client can place every key of that arc without asking again.
+    Found { owner: Contact<A>, successors: Vec<Contact<A>>, arc_from: Option<Id> },
     /// Ask one of these next, best (closest preceding the key) first.
     Next(Vec<Contact<A>>),
 }

@@ -261,7 +261,7 @@ impl<A: Addr> Node<A> {
             let s = &self.vnodes[after % n];
             if let Some(p) = &s.pred {
                 if key.in_open_closed(p.id, s.id) {
-                    return Route::Found { owner: self.contact(s.id), successors: s.succ.clone() };
+                    return Route::Found { owner: self.contact(s.id), successors: s.succ.clone(), arc_from: Some(p.id) };
                 }
             }
         }
@@ -278,7 +278,7 @@ impl<A: Addr> Node<A> {
                 // everyone still routes to, before stabilize has noticed.
                 if let Some(j) = v.succ.iter().position(|s| !avoid.contains(&s.addr)) {
                     if key.in_open_closed(v.id, v.succ[j].id) {
-                        return Route::Found { owner: v.succ[j].clone(), successors: v.succ[j + 1..].to_vec() };
+                        return Route::Found { owner: v.succ[j].clone(), successors: v.succ[j + 1..].to_vec(), arc_from: Some(v.id) };
                     }
                 }
                 for c in v.closest_preceding(key, avoid).into_iter().flatten() {
@@ -289,7 +289,7 @@ impl<A: Addr> Node<A> {
         if candidates.is_empty() {
             // Alone (or not yet joined): the nearest own vnode is the best answer there is.
             return match self.own_successor(key) {
-                Some(s) => Route::Found { owner: self.contact(s.id), successors: s.succ.clone() },
+                Some(s) => Route::Found { owner: self.contact(s.id), successors: s.succ.clone(), arc_from: None },
                 None => Route::Next(Vec::new()),
             };
         }

@@ -47,20 +47,22 @@ pub fn contacts_to(list: &[Contact<NetAddr>]) -> Vec<pb::Contact> {
 
 pub fn route_to(r: &Route<NetAddr>) -> pb::FindNextResponse {
     match r {
-        Route::Found { owner, successors } => pb::FindNextResponse {
+        Route::Found { owner, successors, arc_from } => pb::FindNextResponse {
             found: true,
             owner: Some(contact_to(owner)),
             successors: contacts_to(successors),
             next: Vec::new(),
+            arc_from: arc_from.map(|f| f.to_bytes().to_vec()).unwrap_or_default(),
         },
-        Route::Next(list) => pb::FindNextResponse { found: false, owner: None, successors: Vec::new(), next: contacts_to(list) },
+        Route::Next(list) => pb::FindNextResponse { found: false, owner: None, successors: Vec::new(), next: contacts_to(list), arc_from: Vec::new() },
     }
 }
 
 pub fn route_from(r: &pb::FindNextResponse) -> Result<Route<NetAddr>, Status> {
     if r.found {
         let owner = r.owner.as_ref().ok_or_else(|| Status::invalid_argument("found without owner"))?;
-        Ok(Route::Found { owner: contact_from(owner)?, successors: contacts_from(&r.successors)? })
+        let arc_from = if r.arc_from.is_empty() { None } else { Some(id_from(&r.arc_from, "arc_from")?) };
+        Ok(Route::Found { owner: contact_from(owner)?, successors: contacts_from(&r.successors)?, arc_from })
     } else {
         Ok(Route::Next(contacts_from(&r.next)?))
     }
@@ -123,7 +125,9 @@ mod tests {
     #[test]
     fn route_roundtrips() {
         let c = Contact { id: Id::sha1(b"x"), addr: NetAddr::from("127.0.0.1:1") };
-        let r = Route::Found { owner: c.clone(), successors: vec![c.clone()] };
+        let r = Route::Found { owner: c.clone(), successors: vec![c.clone()], arc_from: Some(Id::sha1(b"y")) };
+        assert_eq!(route_from(&route_to(&r)).unwrap(), r);
+        let r = Route::Found { owner: c.clone(), successors: vec![c.clone()], arc_from: None };
         assert_eq!(route_from(&route_to(&r)).unwrap(), r);
         let r = Route::Next(vec![c]);
         assert_eq!(route_from(&route_to(&r)).unwrap(), r);
