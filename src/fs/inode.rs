@@ -46,6 +46,16 @@ pub fn now_ns() -> i64 {
     to_ns(SystemTime::now())
 }
 
+/// How long an entry may wait for its inode before it counts as crash residue: far
+/// beyond any record write (each filesystem call is bounded at 60 s), with room for
+/// clocks of two machines that disagree by minutes.
+pub const BIRTH_GRACE_MS: i64 = 15 * 60 * 1000;
+
+/// Whether an entry whose inode is missing may still be one being created.
+pub fn being_born(e: &DirEntry) -> bool {
+    e.born_ms != 0 && now_ns() / 1_000_000 - e.born_ms < BIRTH_GRACE_MS
+}
+
 pub fn to_ns(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
@@ -149,10 +159,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_young_entry_without_its_inode_counts_as_being_created() {
+        let now_ms = now_ns() / 1_000_000;
+        let e = |born_ms| DirEntry { name: b"f".to_vec(), ino: 7, kind: 1, born_ms };
+        assert!(being_born(&e(now_ms)));
+        assert!(being_born(&e(now_ms + 60_000)), "a clock ahead of ours");
+        assert!(!being_born(&e(now_ms - BIRTH_GRACE_MS - 1)), "crash residue");
+        assert!(!being_born(&e(0)), "made by rename, or before entries had a birth time");
+    }
+
+    #[test]
     fn entries_stay_sorted_and_unique() {
         let mut d = new_inode(Kind::Dir, 0o755, 0, 0);
         for n in ["b", "a", "c", "a"] {
-            d.insert(DirEntry { name: n.as_bytes().to_vec(), ino: n.len() as u64, kind: 1 });
+            d.insert(DirEntry { name: n.as_bytes().to_vec(), ino: n.len() as u64, kind: 1, born_ms: 0 });
         }
         let names: Vec<&[u8]> = d.entries.iter().map(|e| e.name.as_slice()).collect();
         assert_eq!(names, vec![b"a" as &[u8], b"b", b"c"]);

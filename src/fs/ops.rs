@@ -250,9 +250,13 @@ impl Fs {
         match self.getattr(e.ino).await {
             Ok(i) => Ok((e.ino, i)),
             Err(FsError::NotFound) => {
-                // An entry whose inode is gone (a crash between the two steps of an
-                // rmdir): drop it so it does not linger.
-                let _ = self.remove_entry_if(parent, name, e.ino).await;
+                // An entry whose inode is not there: one being created by another mount
+                // (`make` writes the entry and the inode at the same time), or what a
+                // crash left (between those two writes, or the two steps of an rmdir).
+                // Only the latter is dropped, so it does not linger.
+                if !inode::being_born(&e) {
+                    let _ = self.remove_entry_if(parent, name, e.ino).await;
+                }
                 Err(FsError::NotFound)
             }
             Err(e) => Err(e),
@@ -269,7 +273,7 @@ impl Fs {
             if let Some(e) = d.find(name) {
                 return if e.ino == ino { Ok(false) } else { Err(FsError::Exists) };
             }
-            d.insert(DirEntry { name: name.to_vec(), ino, kind });
+            d.insert(DirEntry { name: name.to_vec(), ino, kind, born_ms: inode::now_ns() / 1_000_000 });
             d.touch(true);
             Ok(true)
         })
@@ -695,7 +699,7 @@ impl Fs {
                 }
             }
         }
-        let moved = DirEntry { name: newname.to_vec(), ino: src.ino, kind: src.kind };
+        let moved = DirEntry { name: newname.to_vec(), ino: src.ino, kind: src.kind, born_ms: 0 };
         let mut replaced: Option<DirEntry> = None;
         let check_target = |d: &Inode, replaced: &Option<DirEntry>| -> FsResult<()> {
             if let Some(t) = d.find(newname) {
@@ -800,8 +804,8 @@ impl Fs {
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let (_, d) = self.dir(ino, Duration::ZERO).await?;
         let mut entries = Vec::with_capacity(d.entries.len() + 2);
-        entries.push(DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir as u32 });
-        entries.push(DirEntry { name: b"..".to_vec(), ino: if d.parent == 0 { ino } else { d.parent }, kind: Kind::Dir as u32 });
+        entries.push(DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir as u32, born_ms: 0 });
+        entries.push(DirEntry { name: b"..".to_vec(), ino: if d.parent == 0 { ino } else { d.parent }, kind: Kind::Dir as u32, born_ms: 0 });
         entries.extend(d.entries.iter().cloned());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle::Dir(Arc::new(entries)));
