@@ -18,6 +18,9 @@ const BACKOFF: Duration = Duration::from_millis(200);
 /// Refusals ("not the owner") after which a writer asks its primary to act anyway: views
 /// of a settling ring agree within a few rounds; longer disagreement must not stop writes.
 const INSIST_AFTER: usize = 4;
+/// A read asks just enough replicas, and the rest when one fails or none has
+/// answered within this long.
+const READ_HEDGE: Duration = Duration::from_millis(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -130,12 +133,38 @@ impl RecordClient {
             // one with the newest version: stop waiting once two have answered (one if the
             // set has only two copies, which writes both).
             let need = if set.len() >= 3 { 2 } else { 1 };
-            let mut pending: FuturesUnordered<_> = set.iter().map(|a| async move { (a.clone(), net.get_record(a, key, known).await) }).collect();
+            // The first `need` replicas are asked at once (the primary first: it has
+            // every acknowledged write), the others only when one of those fails or is
+            // slow: asking all of them cost every read a third more calls on the peers.
+            let ask = |a: &NetAddr| {
+                let a = a.clone();
+                async move {
+                    let r = net.get_record(&a, key, known).await;
+                    (a, r)
+                }
+            };
+            let mut pending: FuturesUnordered<_> = set.iter().take(need).map(ask).collect();
+            let mut unasked = set.iter().skip(need);
+            let hedge = tokio::time::sleep(READ_HEDGE);
+            tokio::pin!(hedge);
+            let mut hedged = false;
             // The newest copy as stored (for repairs) and as written (for the caller).
             let mut best: Option<(Record, Record)> = None;
             let mut answered = 0;
             let mut versions = Vec::new();
-            while let Some((a, r)) = pending.next().await {
+            loop {
+                let (a, r) = tokio::select! {
+                    next = pending.next() => match next {
+                        Some(x) => x,
+                        None => break,
+                    },
+                    _ = &mut hedge, if !hedged => {
+                        hedged = true;
+                        pending.extend(unasked.by_ref().map(ask));
+                        continue;
+                    }
+                };
+                let before = answered;
                 match r {
                     Ok(Fetched::Got(rec)) if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.0.version) => {
                         match self.open(key, rec.clone()) {
@@ -159,6 +188,10 @@ impl RecordClient {
                 }
                 if answered >= need {
                     break;
+                }
+                if answered == before {
+                    // No answer from that one: ask another now.
+                    pending.extend(unasked.by_ref().take(1).map(ask));
                 }
             }
             if answered == 0 {
