@@ -252,24 +252,31 @@ impl Peer for PeerService {
     async fn put_shard(&self, req: Request<pb::PutShardRequest>) -> Result<Response<pb::Empty>, Status> {
         let r = req.into_inner();
         let meta = ShardMeta::decode(&r.meta).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
-        if !meta.verifies(&r.data) {
-            return Err(Status::invalid_argument(format!(
-                "shard {} of stripe {}: {} bytes that do not match the header's length or hash",
-                meta.index,
-                meta.stripe.to_hex(),
-                r.data.len()
-            )));
-        }
-        if self.state.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("this peer is draining and takes no new shards"));
-        }
-        let key = meta.block_key();
-        let (mut meta_bytes, mut data) = (r.meta, r.data);
-        if self.state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
-            super::fault::flip(&mut data);
-            meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
-        }
-        self.blocking(move |s| s.put(&key, &meta_bytes, &data)).await?;
+        let state = self.state.clone();
+        // Hashing a shard of up to 4 MiB takes milliseconds: it runs on the blocking pool
+        // with the write, not on the async threads that answer ring and record calls.
+        tokio::task::spawn_blocking(move || {
+            if !meta.verifies(&r.data) {
+                return Err(Status::invalid_argument(format!(
+                    "shard {} of stripe {}: {} bytes that do not match the header's length or hash",
+                    meta.index,
+                    meta.stripe.to_hex(),
+                    r.data.len()
+                )));
+            }
+            if state.draining.load(Ordering::Relaxed) {
+                return Err(Status::unavailable("this peer is draining and takes no new shards"));
+            }
+            let key = meta.block_key();
+            let (mut meta_bytes, mut data) = (r.meta, r.data);
+            if state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
+                super::fault::flip(&mut data);
+                meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
+            }
+            state.store.put(&key, &meta_bytes, &data).map_err(store_status)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("disk task failed: {e}")))??;
         Ok(Response::new(pb::Empty {}))
     }
 
