@@ -18,16 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long this mount trusts a cached inode for lookups and stat. Opens re-read
-/// (close-to-open; see OPEN_REVALIDATED), and a failed lookup re-reads before it says
+/// (close-to-open), and a failed lookup re-reads before it says
 /// ENOENT.
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
-/// An open re-reads the inode unless this mount read or wrote it on the ring this
-/// recently. An open of a name the kernel has not cached comes right after a lookup that
-/// just read the inode (its cache had expired): reading it again a few hundred
-/// microseconds later cost a third of a small-file read. This is close-to-open as
-/// Linux's NFS client does it (it revalidates in the lookup of an open, not again in the
-/// open); the window is this long, not the attribute cache's second.
-const OPEN_REVALIDATED: Duration = Duration::from_millis(5);
 /// CAS retries under contention before giving up with EIO.
 const MAX_SWAPS: usize = 64;
 /// Inodes prefetched after an opendir, and how many loads run at once.
@@ -404,10 +397,12 @@ impl Fs {
         fh
     }
 
-    /// open(2) on a file: always reads the newest inode (close-to-open). Returns the
-    /// handle and whether the kernel's cached pages are still this version's.
+    /// open(2) on a file: always reads the newest inode (close-to-open), even when a
+    /// lookup read it a moment ago: that lookup may have come from an earlier syscall,
+    /// before another mount's close. Returns the handle and whether the kernel's cached
+    /// pages are still this version's.
     pub async fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
-        let (v, i) = self.load(ino, OPEN_REVALIDATED).await?;
+        let (v, i) = self.load(ino, Duration::ZERO).await?;
         match i.kind() {
             Kind::Dir => return Err(FsError::IsDir),
             Kind::Symlink => return Err(FsError::Invalid("cannot open a symlink".into())),
