@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long this mount trusts a cached inode for lookups and stat. Opens re-read
-/// (close-to-open), and a failed lookup re-reads before it says
-/// ENOENT.
+/// How long this mount trusts a cached inode for lookups and stat. Opens always
+/// re-read (close-to-open), and a failed lookup re-reads before it says ENOENT.
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// CAS retries under contention before giving up with EIO.
 const MAX_SWAPS: usize = 64;

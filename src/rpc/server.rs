@@ -83,11 +83,14 @@ impl PeerService {
         &self,
         f: impl FnOnce(&DiskImage) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.state.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("disk task failed: {e}")))?
-            .map_err(store_status)
+        self.on_pool(move |s| f(&s.store).map_err(store_status)).await
+    }
+
+    /// Runs `f` on the blocking pool: disk I/O and hashing of whole shards, which take
+    /// milliseconds and would hold up the async threads that answer ring and record calls.
+    async fn on_pool<T: Send + 'static>(&self, f: impl FnOnce(&PeerState) -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state)).await.map_err(|e| Status::internal(format!("disk task failed: {e}")))?
     }
 }
 
@@ -252,10 +255,11 @@ impl Peer for PeerService {
     async fn put_shard(&self, req: Request<pb::PutShardRequest>) -> Result<Response<pb::Empty>, Status> {
         let r = req.into_inner();
         let meta = ShardMeta::decode(&r.meta).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
-        let state = self.state.clone();
-        // Hashing a shard of up to 4 MiB takes milliseconds: it runs on the blocking pool
-        // with the write, not on the async threads that answer ring and record calls.
-        tokio::task::spawn_blocking(move || {
+        if self.state.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this peer is draining and takes no new shards"));
+        }
+        // The hash check runs on the pool with the write: a 4 MiB shard takes milliseconds.
+        self.on_pool(move |state| {
             if !meta.verifies(&r.data) {
                 return Err(Status::invalid_argument(format!(
                     "shard {} of stripe {}: {} bytes that do not match the header's length or hash",
@@ -263,9 +267,6 @@ impl Peer for PeerService {
                     meta.stripe.to_hex(),
                     r.data.len()
                 )));
-            }
-            if state.draining.load(Ordering::Relaxed) {
-                return Err(Status::unavailable("this peer is draining and takes no new shards"));
             }
             let key = meta.block_key();
             let (mut meta_bytes, mut data) = (r.meta, r.data);
@@ -275,8 +276,7 @@ impl Peer for PeerService {
             }
             state.store.put(&key, &meta_bytes, &data).map_err(store_status)
         })
-        .await
-        .map_err(|e| Status::internal(format!("disk task failed: {e}")))??;
+        .await?;
         Ok(Response::new(pb::Empty {}))
     }
 
