@@ -12,7 +12,9 @@ use mutualstore::crypto::secret::RingSecret;
 use mutualstore::crypto::tls::RingTls;
 use mutualstore::erasure::stripe::{make_stripe, ShardMeta};
 use mutualstore::erasure::Code;
+use mutualstore::crypto::seal::{FileKey, HEADER};
 use mutualstore::files::FileClient;
+use mutualstore::fs::chunk::{ChunkCache, ChunkRef};
 use mutualstore::rpc::client::GrpcNet;
 use mutualstore::rpc::fault::Fault;
 use mutualstore::rpc::NetAddr;
@@ -255,6 +257,17 @@ async fn a_lying_peer_cannot_make_a_read_wrong_and_its_shards_are_rewritten() {
         std::fs::write(&p, bytes(3 << 20, i)).unwrap();
         files.push((client.put_file(&p, None).await.unwrap(), std::fs::read(&p).unwrap()));
     }
+    // And sealed chunks, as a mount writes them: read back below without the stripe-key
+    // hash (the seal header and GCM tag are the check), so forgeries must still not pass.
+    let file_key = Arc::new(FileKey::generate().1);
+    let mut chunks = Vec::new();
+    for i in 0..6u64 {
+        let plain = bytes((3 << 20) + 1000 * i as usize, 100 + i);
+        let sealed = ChunkCache::new(1, file_key.clone()).seal(&plain);
+        let seal: [u8; HEADER] = sealed[..HEADER].try_into().unwrap();
+        let key = client.stripes.write_stripe(sealed).await.unwrap();
+        chunks.push((ChunkRef { key, len: plain.len(), seal: Some(seal) }, plain));
+    }
     Fault::set(&fault.forge_stored, false);
     let store = liar.state.store.clone();
     let forged_now = || async {
@@ -285,11 +298,27 @@ async fn a_lying_peer_cannot_make_a_read_wrong_and_its_shards_are_rewritten() {
             }
         }
     };
+    let read_chunks = |what: &'static str| {
+        let (chunks, stripes, file_key) = (chunks.clone(), client.stripes.clone(), file_key.clone());
+        async move {
+            let cache = ChunkCache::new(1, file_key.clone());
+            for (i, (r, want)) in chunks.iter().enumerate() {
+                let got = cache.get(&stripes, *r).await.unwrap_or_else(|e| panic!("{what}: chunk {i}: {e}"));
+                assert!(*got == *want, "{what}: chunk {i} read back wrong");
+            }
+            // A chunk read under another chunk's seal header is refused, never served.
+            let (a, b) = (chunks[0].0, chunks[1].0);
+            let mixed = ChunkRef { seal: b.seal, ..a };
+            assert!(ChunkCache::new(1, file_key).get(&stripes, mixed).await.is_err(), "{what}: a chunk opened under another's seal header");
+        }
+    };
     // It also flips bytes in everything it serves.
     Fault::set(&fault.flip_served, true);
     read_all("while the liar flips what it serves").await;
+    read_chunks("sealed chunks while the liar flips what it serves").await;
     Fault::set(&fault.flip_served, false);
     read_all("with the liar's forged shards on disk").await;
+    read_chunks("sealed chunks with the liar's forged shards on disk").await;
 
     // Reads and the coordinators' audits rewrite every forged shard it holds.
     let start = Instant::now();

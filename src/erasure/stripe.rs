@@ -128,20 +128,26 @@ pub fn make_stripe(code: Code, data: &[u8]) -> Result<(Id, Vec<Shard>), super::c
 /// Decodes a stripe from verified shards (any order, any k of them) and checks the result
 /// against the stripe key; a decode that does not hash to the key is an error, never data.
 pub fn assemble<'a>(stripe: Id, code: Code, len: usize, shards: impl IntoIterator<Item = &'a Shard>) -> Result<Vec<u8>, String> {
-    let mut slots: Vec<Option<&[u8]>> = vec![None; code.total() as usize];
-    for s in shards {
-        // Only the decoded whole is checked here, against the stripe key, which is what
-        // no peer can forge; a reader checks shards' own hashes only to find a bad one
-        // after a failed decode (`Read::drop_unverified`).
-        if s.meta.stripe == stripe && s.meta.code == code && s.meta.stripe_len as usize == len && s.data.len() == s.meta.shard_len() {
-            slots[s.meta.index as usize] = Some(&s.data);
-        }
-    }
-    let data = super::codec::decode(code, len, &slots).map_err(|e| e.to_string())?;
+    let data = decode_unchecked(stripe, code, len, shards)?;
     if stripe_key(code, &data) != stripe {
         return Err(format!("stripe {} decodes to bytes with a different hash", stripe.to_hex()));
     }
     Ok(data)
+}
+
+/// Decodes a stripe without checking the result against its key: only for a caller that
+/// authenticates the bytes itself (see `StripeClient::read_stripe_opened`).
+pub fn decode_unchecked<'a>(stripe: Id, code: Code, len: usize, shards: impl IntoIterator<Item = &'a Shard>) -> Result<Vec<u8>, String> {
+    let mut slots: Vec<Option<&[u8]>> = vec![None; code.total() as usize];
+    for s in shards {
+        // Shards' own hashes are not checked: the decoded whole is (against the stripe
+        // key, which no peer can forge, or by the caller); a reader hashes shards only to
+        // find a bad one after a failed decode (`Read::drop_unverified`).
+        if s.meta.stripe == stripe && s.meta.code == code && s.meta.stripe_len as usize == len && s.data.len() == s.meta.shard_len() {
+            slots[s.meta.index as usize] = Some(&s.data);
+        }
+    }
+    super::codec::decode(code, len, &slots).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 //! be reclaimed when that reference goes.
 
 use super::error::{FsError, FsResult};
-use crate::erasure::client::StripeClient;
+use crate::erasure::client::{Opener, StripeClient};
 use crate::erasure::stripe::SHARD_BYTES;
 use crate::ring::Id;
 use parking_lot::Mutex;
-use crate::crypto::seal::{FileKey, Purpose, OVERHEAD};
+use crate::crypto::seal::{FileKey, Purpose, HEADER, OVERHEAD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,19 +71,33 @@ impl ChunkCache {
     }
 
     /// The chunk's bytes, read from the ring once however many ask at the same time.
-    pub async fn get(&self, client: &StripeClient, key: Id, len: usize) -> FsResult<ChunkData> {
-        let slot = self.slot(key);
+    pub async fn get(&self, client: &StripeClient, c: ChunkRef) -> FsResult<ChunkData> {
+        let slot = self.slot(c.key);
         let r = slot
             .get_or_try_init(|| async {
-                let stripe = client.read_stripe(key, Some(len + OVERHEAD)).await?;
-                Ok::<_, FsError>(Arc::new(self.unseal(stripe, len)?))
+                let stripe_len = c.len + OVERHEAD;
+                let Some(seal) = c.seal else {
+                    let stripe = client.read_stripe(c.key, Some(stripe_len)).await?;
+                    return Ok::<_, FsError>(Arc::new(self.unseal(stripe, c.len)?));
+                };
+                // The seal header is random per chunk and authenticated by the GCM tag, so
+                // bytes that open under the header the inode names are exactly the chunk
+                // that was written: no need to hash the stripe against its key too.
+                let key = self.key.clone();
+                let open: Opener<Vec<u8>> = Arc::new(move |b: Vec<u8>| {
+                    if b.len() != stripe_len || b[..HEADER] != seal {
+                        return None;
+                    }
+                    key.open(Purpose::Chunk, b"", b).ok()
+                });
+                Ok(Arc::new(client.read_stripe_opened(c.key, Some(stripe_len), open).await?))
             })
             .await
             .cloned();
         if r.is_err() {
             // Do not keep a failed slot around: the next read tries again.
             let mut g = self.slots.lock();
-            g.0.remove(&key);
+            g.0.remove(&c.key);
         }
         r
     }
@@ -168,6 +182,20 @@ pub fn stripe_id(c: &super::inode::Chunk) -> Option<Id> {
     } else {
         Id::from_slice(&c.stripe)
     }
+}
+
+/// A stored chunk as a reader needs it: its stripe, its length, and its seal header when
+/// the inode names one.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkRef {
+    pub key: Id,
+    pub len: usize,
+    pub seal: Option<[u8; HEADER]>,
+}
+
+/// The stored chunk `c` refers to; None for a hole.
+pub fn chunk_ref(c: &super::inode::Chunk) -> Option<ChunkRef> {
+    Some(ChunkRef { key: stripe_id(c)?, len: c.len as usize, seal: c.seal.as_slice().try_into().ok() })
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! the new chunk list in one compare-and-swap, so other mounts see the old content or
 //! the new, never a mix.
 
-use super::chunk::{self, ChunkCache, ChunkData};
+use super::chunk::{self, ChunkCache, ChunkData, ChunkRef};
+use crate::crypto::seal::HEADER;
 use super::error::{FsError, FsResult};
 use super::inode::{Chunk, Inode};
 use crate::erasure::client::StripeClient;
@@ -73,7 +74,7 @@ impl AttrChanges {
 enum Piece {
     Bytes(Vec<u8>),
     Shared(ChunkData, usize, usize),
-    Stored(Id, usize, usize, usize),
+    Stored(ChunkRef, usize, usize),
     Zeros(usize),
 }
 
@@ -159,8 +160,8 @@ impl FileState {
         } else if let Some(p) = self.pending.get(&idx) {
             p.as_ref().clone()
         } else if let Some(c) = self.inode.chunks.get(idx as usize) {
-            match chunk::stripe_id(c) {
-                Some(key) => ctx.cache.get(&ctx.stripes, key, c.len as usize).await?.as_ref().clone(),
+            match chunk::chunk_ref(c) {
+                Some(r) => ctx.cache.get(&ctx.stripes, r).await?.as_ref().clone(),
                 None => Vec::new(),
             }
         } else {
@@ -243,9 +244,10 @@ impl FileState {
         let d2 = data.clone();
         let task = tokio::spawn(async move {
             let sealed = cache.seal(&d2);
+            let seal = sealed[..HEADER].to_vec();
             let key = client.write_stripe(sealed).await?;
             cache.insert(key, d2.clone());
-            Ok(Chunk { stripe: key.to_bytes().to_vec(), len: d2.len() as u32 })
+            Ok(Chunk { stripe: key.to_bytes().to_vec(), len: d2.len() as u32, seal })
         });
         self.inflight.push_back((idx, data, task));
     }
@@ -401,8 +403,8 @@ impl FileState {
                 out.push(Piece::Shared(Arc::new(d.clone()), s, e));
             } else if let Some(p) = self.pending.get(&idx) {
                 out.push(Piece::Shared(p.clone(), s, e));
-            } else if let Some(key) = self.inode.chunks.get(idx as usize).and_then(chunk::stripe_id) {
-                out.push(Piece::Stored(key, self.inode.chunks[idx as usize].len as usize, s, e));
+            } else if let Some(r) = self.inode.chunks.get(idx as usize).and_then(chunk::chunk_ref) {
+                out.push(Piece::Stored(r, s, e));
             } else {
                 out.push(Piece::Zeros(e - s));
             }
@@ -412,7 +414,7 @@ impl FileState {
     }
 
     /// The stored chunks after the one holding `end`, up to READ_AHEAD_CHUNKS of them.
-    fn ahead(&self, cb: usize, end: u64) -> Vec<(Id, usize)> {
+    fn ahead(&self, cb: usize, end: u64) -> Vec<ChunkRef> {
         if self.inline {
             return Vec::new();
         }
@@ -421,8 +423,7 @@ impl FileState {
             .take_while(|idx| idx * (cb as u64) < self.inode.size)
             .filter(|idx| !self.pending.contains_key(idx) && !self.dirty.contains_key(idx))
             .filter_map(|idx| {
-                let c = self.inode.chunks.get(idx as usize)?;
-                Some((chunk::stripe_id(c)?, c.len as usize))
+                chunk::chunk_ref(self.inode.chunks.get(idx as usize)?)
             })
             .collect()
     }
@@ -450,10 +451,10 @@ impl OpenFile {
             let ahead = if sequential { st.ahead(st.cb, off + len as u64) } else { Vec::new() };
             (st.plan_read(st.cb, off, len), ahead)
         };
-        for (key, clen) in ahead {
+        for r in ahead {
             let (client, cache) = (ctx.stripes.clone(), ctx.cache.clone());
             tokio::spawn(async move {
-                let _ = cache.get(&client, key, clen).await;
+                let _ = cache.get(&client, r).await;
             });
         }
         let mut out = Vec::with_capacity(len);
@@ -462,8 +463,8 @@ impl OpenFile {
                 Piece::Bytes(b) => out.extend_from_slice(&b),
                 Piece::Shared(d, s, e) => append_range(&mut out, &d, s, e),
                 Piece::Zeros(n) => out.resize(out.len() + n, 0),
-                Piece::Stored(key, clen, s, e) => {
-                    let d = ctx.cache.get(&ctx.stripes, key, clen).await?;
+                Piece::Stored(r, s, e) => {
+                    let d = ctx.cache.get(&ctx.stripes, r).await?;
                     append_range(&mut out, &d, s, e);
                 }
             }
