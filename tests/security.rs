@@ -306,6 +306,10 @@ async fn a_lying_peer_cannot_make_a_read_wrong_and_its_shards_are_rewritten() {
                 let got = cache.get(&stripes, *r).await.unwrap_or_else(|e| panic!("{what}: chunk {i}: {e}"));
                 assert!(*got == *want, "{what}: chunk {i} read back wrong");
             }
+            // A chunk of a file written before inodes named seal headers: the checked read.
+            let legacy = ChunkRef { seal: None, ..chunks[2].0 };
+            let got = ChunkCache::new(1, file_key.clone()).get(&stripes, legacy).await.unwrap_or_else(|e| panic!("{what}: chunk without its seal header: {e}"));
+            assert!(*got == chunks[2].1, "{what}: chunk without its seal header read back wrong");
             // A chunk read under another chunk's seal header is refused, never served.
             let (a, b) = (chunks[0].0, chunks[1].0);
             let mixed = ChunkRef { seal: b.seal, ..a };

@@ -43,10 +43,7 @@ impl ChunkCache {
 
     /// A chunk's bytes from its stripe, which must be exactly a sealed `len`-byte chunk.
     pub fn unseal(&self, stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
-        if stripe.len() != len + OVERHEAD {
-            return Err(FsError::Io(format!("chunk stripe of {} bytes is not a sealed {len}-byte chunk", stripe.len())));
-        }
-        self.key.open(Purpose::Chunk, b"", stripe).map_err(|e| FsError::Io(format!("chunk: {e}")))
+        unseal_with(&self.key, stripe, len)
     }
 
     fn slot(&self, key: Id) -> Slot {
@@ -78,7 +75,9 @@ impl ChunkCache {
                 let stripe_len = c.len + OVERHEAD;
                 let Some(seal) = c.seal else {
                     let stripe = client.read_stripe(c.key, Some(stripe_len)).await?;
-                    return Ok::<_, FsError>(Arc::new(self.unseal(stripe, c.len)?));
+                    let key = self.key.clone();
+                    let plain = tokio::task::spawn_blocking(move || unseal_with(&key, stripe, c.len)).await.map_err(|e| FsError::Io(format!("unseal task failed: {e}")))??;
+                    return Ok::<_, FsError>(Arc::new(plain));
                 };
                 // The seal header is random per chunk and authenticated by the GCM tag, so
                 // bytes that open under the header the inode names are exactly the chunk
@@ -174,6 +173,13 @@ pub async fn delete_stripe(client: &StripeClient, stripe: Id) {
             }
         }
     }
+}
+
+fn unseal_with(key: &FileKey, stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
+    if stripe.len() != len + OVERHEAD {
+        return Err(FsError::Io(format!("chunk stripe of {} bytes is not a sealed {len}-byte chunk", stripe.len())));
+    }
+    key.open(Purpose::Chunk, b"", stripe).map_err(|e| FsError::Io(format!("chunk: {e}")))
 }
 
 pub fn stripe_id(c: &super::inode::Chunk) -> Option<Id> {

@@ -243,7 +243,10 @@ impl FileState {
         let cache = ctx.cache.clone();
         let d2 = data.clone();
         let task = tokio::spawn(async move {
-            let sealed = cache.seal(&d2);
+            // AES-GCM over 4 MiB takes milliseconds: not on an async worker, where it would
+            // hold up the connections carrying other chunks' shards.
+            let (c2, d3) = (cache.clone(), d2.clone());
+            let sealed = tokio::task::spawn_blocking(move || c2.seal(&d3)).await.map_err(|e| FsError::Io(format!("seal task failed: {e}")))?;
             let seal = sealed[..HEADER].to_vec();
             let key = client.write_stripe(sealed).await?;
             cache.insert(key, d2.clone());
