@@ -122,11 +122,11 @@ impl FileKey {
         }
         let key = self.object_key(&sealed[..HEADER]);
         let aad = aad(&sealed[..HEADER], context);
+        // Decrypts and moves the plaintext to the front in one pass (no second 4 MiB copy).
         let n = key
-            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut sealed[HEADER..])
+            .open_within(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut sealed, HEADER..)
             .map_err(|_| OpenError::Forged)?
             .len();
-        sealed.copy_within(HEADER..HEADER + n, 0);
         sealed.truncate(n);
         Ok(sealed)
     }
