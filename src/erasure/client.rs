@@ -369,7 +369,7 @@ impl StripeClient {
                             return (Ok(Decoded::Opened(t)), shards);
                         }
                     }
-                    (assemble_any(stripe, code, len, &shards).map(|d| Decoded::Checked(d, fast)), shards)
+                    (assemble_any_noting(stripe, code, len, &shards).map(|(d, bad_first)| Decoded::Checked(d, fast || bad_first)), shards)
                 })
                 .await
                 .map_err(|e| StripeError::Internal(format!("decode task failed: {e}")))?;
@@ -379,11 +379,11 @@ impl StripeClient {
                         self.suspect_stragglers(&inflight);
                         return Ok(t);
                     }
-                    Ok(Decoded::Checked(data, opener_refused)) => {
+                    Ok(Decoded::Checked(data, suspect)) => {
                         self.suspect_stragglers(&inflight);
-                        // The caller refused a decode of these shards, and the checked
-                        // decode (perhaps of another subset) succeeded: a shard was bad.
-                        read.forged |= opener_refused;
+                        // The first k shards did not decode to the stripe (or the caller
+                        // refused them) while another subset did: one of them is bad.
+                        read.forged |= suspect;
                         if !read.liars.is_empty() || read.forged {
                             self.repair_in_background(&read, &data);
                         }
@@ -525,7 +525,8 @@ pub type Opener<T> = Arc<dyn Fn(Vec<u8>) -> Option<T> + Send + Sync>;
 enum Decoded<T> {
     /// The caller's opener took a decode that was not checked against the stripe key.
     Opened(T),
-    /// Checked against the stripe key; true when the opener had refused an unchecked decode.
+    /// Checked against the stripe key; true when some shard given is suspect (the first k
+    /// did not decode to the stripe, or the opener refused an unchecked decode).
     Checked(Vec<u8>, bool),
 }
 
@@ -587,13 +588,19 @@ impl Read {
 /// Decodes from the first k shards, and if the result does not hash to the stripe key
 /// (some shard is forged), from other k-subsets.
 pub fn assemble_any(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Result<Vec<u8>, String> {
+    assemble_any_noting(stripe, code, len, shards).map(|(d, _)| d)
+}
+
+/// Like `assemble_any`, and also says whether the first k shards did not decode to the
+/// stripe (so one of them is bad, and read repair has something to rewrite).
+pub fn assemble_any_noting(stripe: Id, code: Code, len: usize, shards: &[Shard]) -> Result<(Vec<u8>, bool), String> {
     let k = code.k as usize;
     let mut first_err = None;
     let mut attempts = 0;
     let mut pick: Vec<usize> = (0..k).collect();
     loop {
         match assemble(stripe, code, len, pick.iter().map(|&i| &shards[i])) {
-            Ok(d) => return Ok(d),
+            Ok(d) => return Ok((d, attempts > 0)),
             Err(e) => {
                 first_err.get_or_insert(e);
             }
@@ -670,6 +677,9 @@ mod tests {
         shards[0].data[10] ^= 0xff;
         shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
         assert_eq!(assemble_any(s, code, data.len(), &shards).unwrap(), data);
+        assert_eq!(assemble_any_noting(s, code, data.len(), &shards).unwrap(), (data.clone(), true), "the forged first shard is noted");
         assert!(assemble_any(s, code, data.len(), &shards[..2]).is_err());
+        let (_, clean) = make_stripe(code, &data).unwrap();
+        assert_eq!(assemble_any_noting(s, code, data.len(), &clean).unwrap(), (data, false));
     }
 }
