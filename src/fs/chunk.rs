@@ -130,18 +130,12 @@ impl Reclaimer {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
                 }
-                for k in keys {
-                    delete_stripe(&client, k).await;
-                    p2.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                delete_stripes(&client, &keys, &p2).await;
             }
             // Shutting down: what is queued goes now.
             rx.close();
             while let Ok((_, keys)) = rx.try_recv() {
-                for k in keys {
-                    delete_stripe(&client, k).await;
-                    p2.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                delete_stripes(&client, &keys, &p2).await;
             }
         });
         (Reclaimer { tx, pending }, task)
@@ -158,20 +152,35 @@ impl Reclaimer {
     }
 }
 
-/// Removes every shard of `stripe` from the peers that hold it. Best effort: a peer
-/// that is down keeps its shard, which upkeep reports as unreadable garbage.
-pub async fn delete_stripe(client: &StripeClient, stripe: Id) {
+/// Stripes whose deletion is planned together: one `Holdings` call per peer covers them.
+const DELETE_BATCH: usize = 256;
+
+/// Removes every shard of `stripes` from the peers that hold them (set members and two
+/// spares), counting each stripe off `pending` when done. Per batch, each peer gets one
+/// `Holdings` call for all the batch's stripes it may hold, then its deletes one after
+/// another, peers in parallel: a deleted 1 GiB file was ~3,600 calls one after another.
+/// Best effort: a peer that is down keeps its shards, which upkeep reports as garbage.
+pub async fn delete_stripes(client: &StripeClient, stripes: &[Id], pending: &std::sync::atomic::AtomicU64) {
     let n = client.code.total() as usize + 2;
-    let Ok(peers) = client.peers_for(stripe, n).await else { return };
-    for p in peers {
-        if let Ok(masks) = client.net.holdings(&p, &[stripe]).await {
-            let mask = masks.first().copied().unwrap_or(0);
-            for i in 0..64u8 {
-                if mask & (1u64 << i) != 0 {
-                    let _ = client.net.delete_shard(&p, stripe, i).await;
+    for batch in stripes.chunks(DELETE_BATCH) {
+        let mut by_peer: HashMap<crate::rpc::NetAddr, Vec<Id>> = HashMap::new();
+        for &s in batch {
+            if let Ok(peers) = client.peers_for(s, n).await {
+                for p in peers {
+                    by_peer.entry(p).or_default().push(s);
                 }
             }
         }
+        futures_util::future::join_all(by_peer.into_iter().map(|(p, ss)| async move {
+            let Ok(masks) = client.net.holdings(&p, &ss).await else { return };
+            for (s, mask) in ss.iter().zip(masks) {
+                for i in (0..64u8).filter(|i| mask & (1u64 << i) != 0) {
+                    let _ = client.net.delete_shard(&p, *s, i).await;
+                }
+            }
+        }))
+        .await;
+        pending.fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
