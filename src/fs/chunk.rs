@@ -41,11 +41,6 @@ impl ChunkCache {
         self.key.seal(Purpose::Chunk, b"", data)
     }
 
-    /// A chunk's bytes from its stripe, which must be exactly a sealed `len`-byte chunk.
-    pub fn unseal(&self, stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
-        unseal_with(&self.key, stripe, len)
-    }
-
     fn slot(&self, key: Id) -> Slot {
         let mut g = self.slots.lock();
         let (map, order) = &mut *g;
@@ -184,6 +179,7 @@ pub async fn delete_stripes(client: &StripeClient, stripes: &[Id], pending: &std
     }
 }
 
+/// A chunk's bytes from its stripe, which must be exactly a sealed `len`-byte chunk.
 fn unseal_with(key: &FileKey, stripe: Vec<u8>, len: usize) -> FsResult<Vec<u8>> {
     if stripe.len() != len + OVERHEAD {
         return Err(FsError::Io(format!("chunk stripe of {} bytes is not a sealed {len}-byte chunk", stripe.len())));
@@ -219,15 +215,16 @@ mod tests {
 
     #[test]
     fn chunks_seal_to_ciphertext_and_unseal_only_whole() {
-        let cache = ChunkCache::new(2, Arc::new(FileKey::generate().1));
+        let key = Arc::new(FileKey::generate().1);
+        let cache = ChunkCache::new(2, key.clone());
         let d = b"some bytes".to_vec();
         let s = cache.seal(&d);
         assert_ne!(cache.seal(&d), s, "equal content seals differently");
-        assert_eq!(cache.unseal(s.clone(), d.len()).unwrap(), d);
-        assert!(cache.unseal(s.clone(), d.len() + 1).is_err());
+        assert_eq!(unseal_with(&key, s.clone(), d.len()).unwrap(), d);
+        assert!(unseal_with(&key, s.clone(), d.len() + 1).is_err());
         let mut bad = s;
         bad[20] ^= 1;
-        assert!(cache.unseal(bad, d.len()).is_err());
+        assert!(unseal_with(&key, bad, d.len()).is_err());
         assert!(chunk_bytes_for(4) + OVERHEAD <= 4 * SHARD_BYTES);
     }
 }
