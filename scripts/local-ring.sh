@@ -94,8 +94,13 @@ wait_alive() {
 down() {
   if [ -f "$DIR/mountpoint" ]; then
     local mnt; mnt=$(cat "$DIR/mountpoint")
+    local mpid; mpid=$(pgrep -f -- "--log-file $DIR/mount.log" | head -1 || true)
     if mountpoint -q "$mnt" 2>/dev/null; then
       fusermount3 -u "$mnt" 2>/dev/null || fusermount -u "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || echo "local-ring: could not unmount $mnt" >&2
+    fi
+    # The mount publishes what it still holds as it exits: keep the peers up until then.
+    if [ -n "$mpid" ]; then
+      for _ in $(seq 1 300); do kill -0 "$mpid" 2>/dev/null || break; sleep 0.1; done
     fi
     rm -f "$DIR/mountpoint"
   fi

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+#[track_caller]
 fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),

@@ -1,7 +1,8 @@
 //! The filesystem over 6 real peer processes (4+2) on real FUSE mounts: two mounts see
 //! one consistent tree; files survive two peer losses and fail fast (never wrong) after
 //! three; a frozen peer does not stall readers; a killed mount loses nothing it fsynced
-//! and its mountpoint is reusable; unmounting with files open loses nothing closed.
+//! and its mountpoint is reusable; unmounting with files open loses nothing closed;
+//! directory leases (creates decided and published by one mount) keep all of that.
 
 mod common;
 
@@ -127,6 +128,76 @@ fn two_mounts_see_one_consistent_tree() {
             let i: usize = name.trim_start_matches(|c: char| c.is_alphabetic()).parse().unwrap();
             assert_eq!(content, format!("{}{i}", &name[..1]));
         }
+    }
+}
+
+/// A mount that creates files in a directory holds its lease and publishes closed files
+/// in the background: B must still find each file A has closed at once (it asks for the
+/// lease and waits for A to publish), exclusive creates of one name from both mounts
+/// must never both succeed, and the lease of a killed holder must lapse, so the other
+/// mount's changes go through within seconds and nothing listed dangles.
+#[test]
+fn directory_leases_keep_close_to_open_exclusive_create_and_lapse_when_the_holder_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ring = ring6(tmp.path());
+    let mut a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &ring.member_args());
+    let b = Mount::start(&tmp.path().join("b"), &ring.addr(3), &ring.member_args());
+
+    fs::create_dir(a.path("d")).unwrap();
+    for i in 0..150 {
+        fs::write(a.path(&format!("d/f{i}")), format!("content {i}")).unwrap();
+        if i % 10 == 9 {
+            let got = fs::read_to_string(b.path(&format!("d/f{i}"))).unwrap_or_else(|e| panic!("B cannot open d/f{i} that A closed: {e}"));
+            assert_eq!(got, format!("content {i}"));
+        }
+    }
+    let listed: BTreeSet<String> = fs::read_dir(b.path("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let want: BTreeSet<String> = (0..150).map(|i| format!("f{i}")).collect();
+    assert_eq!(listed, want, "B lists another set than A created");
+
+    // Exclusive creates of the same 80 names from both mounts at once: one wins each.
+    fs::create_dir(a.path("e")).unwrap();
+    let race = |root: PathBuf, tag: &'static str| {
+        std::thread::spawn(move || {
+            (0..80)
+                .map(|i| match fs::OpenOptions::new().write(true).create_new(true).open(root.join(format!("e/x{i}"))) {
+                    Ok(mut f) => {
+                        f.write_all(tag.as_bytes()).unwrap();
+                        true
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                    Err(e) => panic!("{tag}: create_new e/x{i}: {e}"),
+                })
+                .collect::<Vec<bool>>()
+        })
+    };
+    let (ra, rb) = (race(a.dir.clone(), "A"), race(b.dir.clone(), "B"));
+    let (ra, rb) = (ra.join().unwrap(), rb.join().unwrap());
+    for i in 0..80 {
+        assert!(ra[i] != rb[i], "e/x{i}: exclusive create succeeded on {} mounts", if ra[i] { 2 } else { 0 });
+        let winner = if ra[i] { "A" } else { "B" };
+        for m in [&a, &b] {
+            assert_eq!(fs::read_to_string(m.path(&format!("e/x{i}"))).unwrap(), winner, "e/x{i} on {}", m.dir.display());
+        }
+    }
+
+    // The holder dies with its lease on k: B's create and listing there still finish.
+    fs::create_dir(a.path("k")).unwrap();
+    for i in 0..20 {
+        fs::write(a.path(&format!("k/a{i}")), b"from A").unwrap();
+    }
+    a.kill9();
+    let done = bounded(Duration::from_secs(60), {
+        let root = b.dir.clone();
+        move || {
+            fs::write(root.join("k/b0"), b"from B").unwrap();
+            fs::read_dir(root.join("k")).unwrap().map(|e| e.unwrap().path()).collect::<Vec<PathBuf>>()
+        }
+    });
+    let listed = done.expect("B's create in a directory whose lease holder was killed did not finish");
+    assert!(listed.iter().any(|p| p.ends_with("b0")));
+    for p in listed {
+        fs::metadata(&p).unwrap_or_else(|e| panic!("dangling entry {}: {e}", p.display()));
     }
 }
 

@@ -102,6 +102,9 @@ pub struct FileState {
     pub handles: u32,
     /// The last name went while open: delete when the last handle closes.
     pub unlinked: bool,
+    /// Created under a directory lease and not yet published: (directory, name). The
+    /// next publish writes the inode (version 1) and the entry together.
+    pub create: Option<(u64, Vec<u8>)>,
     failed: Option<FsError>,
 }
 
@@ -123,6 +126,7 @@ impl FileState {
             attrs_changed: false,
             handles: 0,
             unlinked: false,
+            create: None,
             failed: None,
         }
     }
@@ -133,7 +137,7 @@ impl FileState {
 
     /// Takes a newer published version when nothing here is unpublished.
     pub fn refresh(&mut self, version: u64, inode: Inode) {
-        if !self.changed() && self.dirty.is_empty() && self.inflight.is_empty() && version > self.version {
+        if !self.changed() && self.create.is_none() && self.dirty.is_empty() && self.inflight.is_empty() && version > self.version {
             let handles = self.handles;
             let unlinked = self.unlinked;
             let cb = self.cb;

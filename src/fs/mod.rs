@@ -13,5 +13,6 @@ pub mod error;
 pub mod file;
 pub mod fuse;
 pub mod inode;
+pub mod lease;
 pub mod mount;
 pub mod ops;

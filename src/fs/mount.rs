@@ -81,10 +81,11 @@ pub fn run_foreground(cfg: MountConfig) -> Result<(), String> {
         let stripes = client.stripes;
         let key = Arc::new(cfg.key.clone());
         let records = RecordClient::new(stripes.clone()).with_key(key.clone());
-        let (reclaimer, task) = Reclaimer::start(stripes.clone(), cfg.reclaim_delay, shutdown_rx);
+        let (reclaimer, task) = Reclaimer::start(stripes.clone(), cfg.reclaim_delay, shutdown_rx.clone());
         let data = DataCtx { chunk_bytes: chunk_bytes_for(stripes.code.k), stripes, cache: Fs::chunk_cache(CACHE_CHUNKS, key.clone()) };
         let fs = Arc::new(Fs::new(records, data, key.fsid().to_string(), reclaimer));
         fs.init_root().await.map_err(|e| format!("cannot read or create the root directory: {e}"))?;
+        tokio::spawn(fs.clone().keep_leases(shutdown_rx));
         Ok::<_, String>((fs, task, local_peer))
     })?;
 

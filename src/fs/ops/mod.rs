@@ -7,6 +7,7 @@ use super::chunk::{self, ChunkCache, Reclaimer};
 use super::error::{FsError, FsResult};
 use super::file::{AttrChanges, DataCtx, FileState, OpenFile};
 use super::inode::{self, check_name, new_inode, DirEntry, Inode, InodeExt, Kind, ROOT_INO};
+use super::lease::{Leases, LEASE_TTL};
 use crate::meta::client::{RecordClient, Swap};
 use crate::ring::Id;
 use futures_util::StreamExt;
@@ -16,6 +17,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod leased;
 
 /// How long this mount trusts a cached inode for lookups and stat. Opens always
 /// re-read (close-to-open), and a failed lookup re-reads before it says ENOENT.
@@ -57,6 +60,20 @@ pub struct Fs {
     /// Per inode, the version whose content the kernel's page cache holds.
     kernel_versions: Mutex<HashMap<u64, u64>>,
     space: Mutex<Option<(Instant, Space)>>,
+    leases: Leases,
+    pending: Mutex<Pending>,
+    closed_ready: tokio::sync::Notify,
+    /// Directories whose lease another mount asked for (the keeper lets go).
+    release_asked: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Files created under a directory lease and not yet published (each is open here).
+#[derive(Default)]
+struct Pending {
+    by_dir: HashMap<u64, HashMap<Vec<u8>, (u64, Instant)>>,
+    inos: HashMap<u64, (u64, Vec<u8>)>,
+    /// Of those, the ones closed: to be published in the background.
+    closed: std::collections::HashSet<u64>,
 }
 
 impl Fs {
@@ -72,6 +89,10 @@ impl Fs {
             reclaimer,
             kernel_versions: Mutex::new(HashMap::new()),
             space: Mutex::new(None),
+            leases: Leases::new(rand::thread_rng().gen_range(1..u64::MAX)),
+            pending: Mutex::new(Pending::default()),
+            closed_ready: tokio::sync::Notify::new(),
+            release_asked: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -145,12 +166,29 @@ impl Fs {
     where
         F: FnMut(&mut Inode) -> FsResult<bool>,
     {
+        if self.pending.lock().inos.contains_key(&ino) {
+            // Boxed: settling writes the parent directory through `modify`.
+            Box::pin(self.settle_ino(ino)).await?;
+        }
         let (mut version, mut cur) = self.load(ino, ATTR_TTL).await?;
-        for _ in 0..MAX_SWAPS {
+        let deadline = Instant::now() + LEASE_TTL * 2;
+        let mut swaps = 0;
+        while swaps < MAX_SWAPS {
             let mut new = (*cur).clone();
             if !f(&mut new)? {
                 return Ok(cur);
             }
+            if cur.lease_holder != 0 && cur.lease_holder != self.leases.me && new.entries != cur.entries {
+                // Another mount holds this directory's lease and trusts its copy of the
+                // entries: wait for it to let go, or for the lease to lapse.
+                if self.leases.foreign_live(ino, cur.lease_holder, cur.lease_epoch, Instant::now()) {
+                    (version, cur) = self.wait_for_lease(ino, version, cur, deadline).await?;
+                    continue;
+                }
+                new.lease_holder = 0;
+                new.lease_wanted = false;
+            }
+            swaps += 1;
             match self.records.cas(self.key(ino), version, Some(inode::encode(&new))).await? {
                 Swap::Done(v) => {
                     let new = Arc::new(new);
@@ -237,15 +275,45 @@ impl Fs {
         if name.len() > inode::MAX_NAME {
             return Err(FsError::NameTooLong);
         }
+        if self.leases.trusts(parent, Instant::now()) {
+            // Under our lease nobody else changes the entries: our copy is exact.
+            let cached = self.inodes.lock().get(&parent).map(|c| c.inode.clone());
+            if let Some(d) = cached {
+                if !d.is_dir() {
+                    return Err(FsError::NotDir);
+                }
+                return d.find(name).cloned().ok_or(FsError::NotFound);
+            }
+        }
         let (_, d) = self.dir(parent, ATTR_TTL).await?;
         if let Some(e) = d.find(name) {
             return Ok(e.clone());
         }
-        let (_, d) = self.dir(parent, Duration::ZERO).await?;
+        let (v, d) = self.dir(parent, Duration::ZERO).await?;
+        if let Some(e) = d.find(name) {
+            return Ok(e.clone());
+        }
+        // Another mount's lease: it may hold closed files it has not written yet.
+        let d = self.after_foreign_lease(parent, v, d).await?;
         d.find(name).cloned().ok_or(FsError::NotFound)
     }
 
+    /// The directory once no other mount's lease is live on it: as given, or re-read
+    /// after asking the holder to publish and let go.
+    async fn after_foreign_lease(&self, dir: u64, v: u64, d: Arc<Inode>) -> FsResult<Arc<Inode>> {
+        if !self.leases.foreign_live(dir, d.lease_holder, d.lease_epoch, Instant::now()) {
+            return Ok(d);
+        }
+        self.wait_for_lease(dir, v, d, Instant::now() + LEASE_TTL * 2).await?;
+        Ok(self.dir(dir, Duration::ZERO).await?.1)
+    }
+
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<(u64, Arc<Inode>)> {
+        if let Some(ino) = self.pending_ino(parent, name) {
+            if let Ok(i) = self.getattr(ino).await {
+                return Ok((ino, i));
+            }
+        }
         let e = self.entry(parent, name).await?;
         match self.getattr(e.ino).await {
             Ok(i) => Ok((e.ino, i)),
@@ -308,6 +376,9 @@ impl Fs {
     /// that meets an entry without its inode drops the entry (see `lookup`).
     async fn make(&self, parent: u64, name: &[u8], mut node: Inode) -> FsResult<(u64, Arc<Inode>)> {
         check_name(name)?;
+        if self.pending_ino(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
         let kind = node.kind;
         let ino = Self::new_ino();
         if node.is_dir() {
@@ -366,6 +437,10 @@ impl Fs {
     /// create(2): a new empty file, opened. Without `exclusive`, an existing file of
     /// that name is opened instead.
     pub async fn create(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32, exclusive: bool) -> FsResult<(u64, Arc<Inode>, u64)> {
+        check_name(name)?;
+        if let Some(made) = self.create_leased(parent, name, mode, uid, gid, exclusive).await? {
+            return Ok(made);
+        }
         match self.make(parent, name, new_inode(Kind::File, mode, uid, gid)).await {
             Ok((ino, i)) => {
                 let fh = self.open_loaded(ino, 1, (*i).clone()).await;
@@ -401,6 +476,7 @@ impl Fs {
     /// before another mount's close. Returns the handle and whether the kernel's cached
     /// pages are still this version's.
     pub async fn open(&self, ino: u64) -> FsResult<(u64, bool)> {
+        self.settle_ino(ino).await?;
         let (v, i) = self.load(ino, Duration::ZERO).await?;
         match i.kind() {
             Kind::Dir => return Err(FsError::IsDir),
@@ -436,11 +512,22 @@ impl Fs {
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
+        if st.create.is_some() {
+            // Created under a lease: written in the background once closed (see `leased`);
+            // here only the chunks go out, so a close still reports a failed write.
+            return st.settle(&self.data).await;
+        }
         self.publish(f.ino, &mut st, false).await
     }
 
     async fn publish(&self, ino: u64, st: &mut FileState, durable: bool) -> FsResult<()> {
         st.settle(&self.data).await?;
+        if st.create.is_some() {
+            self.publish_create(ino, st, durable, true).await?;
+            if !st.changed() {
+                return Ok(());
+            }
+        }
         if !st.changed() {
             if durable {
                 // Nothing new, but an earlier lazy publish must reach the disks.
@@ -519,8 +606,14 @@ impl Fs {
         let h = self.handles.lock().remove(&fh);
         let Some(Handle::File(f)) = h else { return Ok(()) };
         let mut st = f.st.lock().await;
-        let r = self.publish(f.ino, &mut st, false).await;
         st.handles = st.handles.saturating_sub(1);
+        if st.handles == 0 && st.create.is_some() {
+            // Created under a lease: published in the background, batched per directory.
+            self.pending.lock().closed.insert(f.ino);
+            self.closed_ready.notify_one();
+            return Ok(());
+        }
+        let r = self.publish(f.ino, &mut st, false).await;
         if st.handles == 0 {
             self.files.lock().remove(&f.ino);
             if st.unlinked {
@@ -531,7 +624,15 @@ impl Fs {
     }
 
     pub async fn setattr(&self, ino: u64, size: Option<u64>, changes: AttrChanges) -> FsResult<Arc<Inode>> {
-        let open = self.files.lock().get(&ino).cloned();
+        let mut open = self.files.lock().get(&ino).cloned();
+        if let Some(f) = &open {
+            if f.st.lock().await.handles == 0 {
+                // Closed, created under a lease and not yet published: publish it now,
+                // then change it like any other closed file.
+                self.settle_ino(ino).await?;
+                open = None;
+            }
+        }
         if let Some(f) = open {
             let mut st = f.st.lock().await;
             if let Some(s) = size {
@@ -616,6 +717,7 @@ impl Fs {
     }
 
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.settle_name(parent, name).await?;
         let mut removed: Option<DirEntry> = None;
         self.modify(parent, |d| {
             if !d.is_dir() {
@@ -641,6 +743,7 @@ impl Fs {
 
     /// Deletes an empty directory's record, refusing if it has entries.
     async fn destroy_empty_dir(&self, ino: u64) -> FsResult<()> {
+        self.settle_dir(ino).await?;
         for _ in 0..MAX_SWAPS {
             let (v, d) = self.load(ino, Duration::ZERO).await?;
             if !d.is_dir() {
@@ -648,6 +751,11 @@ impl Fs {
             }
             if !d.entries.is_empty() {
                 return Err(FsError::NotEmpty);
+            }
+            if self.leases.foreign_live(ino, d.lease_holder, d.lease_epoch, Instant::now()) {
+                // Its holder may be creating in it: ask, wait, and look again.
+                self.wait_for_lease(ino, v, d, Instant::now() + LEASE_TTL * 2).await?;
+                continue;
             }
             if let Swap::Done(_) = self.records.cas(self.key(ino), v, None).await? {
                 self.forget(ino);
@@ -673,6 +781,8 @@ impl Fs {
 
     pub async fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], noreplace: bool) -> FsResult<()> {
         check_name(newname)?;
+        self.settle_name(parent, name).await?;
+        self.settle_name(newparent, newname).await?;
         let src = self.entry(parent, name).await?;
         // A directory being replaced must be empty; check (and delete) it first.
         let target = match self.entry(newparent, newname).await {
@@ -695,6 +805,7 @@ impl Fs {
                 return Err(FsError::IsDir);
             }
             if td {
+                self.settle_dir(t.ino).await?;
                 let (_, d) = self.load(t.ino, Duration::ZERO).await?;
                 if !d.entries.is_empty() {
                     return Err(FsError::NotEmpty);
@@ -779,6 +890,9 @@ impl Fs {
 
     pub async fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Arc<Inode>> {
         check_name(newname)?;
+        if self.pending_ino(newparent, newname).is_some() {
+            return Err(FsError::Exists);
+        }
         let i = self
             .modify(ino, |i| {
                 if i.is_dir() {
@@ -804,7 +918,9 @@ impl Fs {
     }
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let (_, d) = self.dir(ino, Duration::ZERO).await?;
+        self.settle_dir(ino).await?;
+        let (v, d) = self.dir(ino, Duration::ZERO).await?;
+        let d = self.after_foreign_lease(ino, v, d).await?;
         let mut entries = Vec::with_capacity(d.entries.len() + 2);
         entries.push(DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir as u32, born_ms: 0 });
         entries.push(DirEntry { name: b"..".to_vec(), ino: if d.parent == 0 { ino } else { d.parent }, kind: Kind::Dir as u32, born_ms: 0 });
@@ -940,5 +1056,14 @@ impl Fs {
                 log::error!("inode {}: could not publish at unmount: {e}", f.ino);
             }
         }
+        // Giving leases back only spares other mounts a wait (a lease lapses by itself):
+        // bounded, so an unmount with the ring gone does not hang on it.
+        let release = async {
+            for dir in self.leases.held() {
+                self.write_lease(dir, false).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(3), release).await;
     }
+
 }

@@ -1,0 +1,518 @@
+//! Creating files under a directory lease (see `fs::lease` for the lease itself).
+//!
+//! While this mount holds a directory's lease, a create is decided here without a round
+//! trip: the name is checked against our exact copy of the entries and reserved locally.
+//! When the file is closed, its inode (with the content: one inode write instead of
+//! two) and its entry are written in the background, batched per directory; fsync writes
+//! them at once, and so does anything here that needs the file on the ring (another
+//! open, rename, link, readdir, ...), or `PENDING_MAX_AGE` of it staying open (then as
+//! created, its content following at close). Other mounts wanting the directory's
+//! entries — a lookup that finds no such name, a readdir, a change — ask for the lease
+//! and wait until the holder has published and let go, so a file closed here is
+//! found everywhere (close-to-open), even before it is written to the ring.
+
+use super::{Fs, Handle, MAX_SWAPS};
+use crate::fs::error::{FsError, FsResult};
+use crate::fs::file::{AttrChanges, FileState, OpenFile};
+use crate::fs::inode::{self, new_inode, DirEntry, Inode, InodeExt, Kind};
+use crate::fs::lease::{Renewal, PENDING_MAX_AGE};
+use crate::meta::client::Swap;
+use futures_util::StreamExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often another mount's lease is looked at again while waiting for it.
+const LEASE_POLL: Duration = Duration::from_millis(10);
+/// Directories whose closed files are published at once.
+const PUBLISH_DIRS_PARALLEL: usize = 16;
+
+impl Fs {
+    pub(super) fn pending_ino(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        self.pending.lock().by_dir.get(&dir).and_then(|m| m.get(name)).map(|x| x.0)
+    }
+
+    pub(super) fn unpend(&self, dir: u64, name: &[u8]) {
+        let mut p = self.pending.lock();
+        if let Some(m) = p.by_dir.get_mut(&dir) {
+            if let Some((ino, _)) = m.remove(name) {
+                p.inos.remove(&ino);
+            }
+            if p.by_dir.get(&dir).is_some_and(|m| m.is_empty()) {
+                p.by_dir.remove(&dir);
+            }
+        }
+    }
+
+    /// Puts a file created under a lease on the ring (inode as created, and entry), so
+    /// that what follows can use the ordinary paths. Its content follows at close.
+    pub(super) async fn settle_ino(&self, ino: u64) -> FsResult<()> {
+        if !self.pending.lock().inos.contains_key(&ino) {
+            return Ok(());
+        }
+        let f = self.files.lock().get(&ino).cloned();
+        let Some(f) = f else { return Ok(()) };
+        let mut st = f.st.lock().await;
+        if st.create.is_some() {
+            // Closed: all of it; still open: as created (its content follows at close).
+            let closed = st.handles == 0;
+            if closed {
+                st.settle(&self.data).await?;
+            }
+            self.publish_create(ino, &mut st, false, closed).await?;
+            if closed {
+                self.pending.lock().closed.remove(&ino);
+                let mut m = self.files.lock();
+                if m.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                    m.remove(&ino);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn settle_name(&self, dir: u64, name: &[u8]) -> FsResult<()> {
+        match self.pending_ino(dir, name) {
+            Some(ino) => self.settle_ino(ino).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Settles every file created under a lease in `dir`: before anything that lists the
+    /// directory or changes its entries the ordinary way.
+    pub(super) async fn settle_dir(&self, dir: u64) -> FsResult<()> {
+        let inos: Vec<u64> = self.pending.lock().by_dir.get(&dir).map(|m| m.values().map(|x| x.0).collect()).unwrap_or_default();
+        for ino in inos {
+            self.settle_ino(ino).await?;
+        }
+        Ok(())
+    }
+
+    /// True if this mount holds the lease on `dir` now, taking it if it may. Any
+    /// failure just means "no": the caller takes the ordinary path, which reports it.
+    async fn lease(&self, dir: u64) -> bool {
+        if self.leases.valid(dir, Instant::now()) {
+            return true;
+        }
+        if !self.leases.may_acquire(dir, Instant::now()) {
+            return false;
+        }
+        let Ok((mut version, mut d)) = self.dir(dir, super::ATTR_TTL).await else { return false };
+        for _ in 0..3 {
+            if self.leases.foreign_live(dir, d.lease_holder, d.lease_epoch, Instant::now()) {
+                self.leases.back_off(dir, Instant::now());
+                return false;
+            }
+            let mut new = (*d).clone();
+            new.lease_holder = self.leases.me;
+            new.lease_epoch += 1;
+            new.lease_wanted = false;
+            let sent = Instant::now();
+            match self.records.cas(self.key(dir), version, Some(inode::encode(&new))).await {
+                Ok(Swap::Done(v)) => {
+                    let epoch = new.lease_epoch;
+                    // The CAS matched, so this copy is exactly what the ring holds.
+                    self.remember(dir, v, Arc::new(new));
+                    self.leases.granted(dir, epoch, sent);
+                    return self.leases.valid(dir, Instant::now());
+                }
+                Ok(Swap::Conflict(rec)) if rec.exists() => {
+                    let Ok(i) = inode::decode(&rec.data) else { return false };
+                    if !i.is_dir() {
+                        return false;
+                    }
+                    version = rec.version;
+                    d = Arc::new(i);
+                    self.remember(dir, version, d.clone());
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// create(2) decided locally under `parent`'s lease; None when this mount does not
+    /// hold it (or the name exists and the caller should open it the ordinary way).
+    pub(super) async fn create_leased(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32, exclusive: bool) -> FsResult<Option<(u64, Arc<Inode>, u64)>> {
+        if !self.lease(parent).await {
+            return Ok(None);
+        }
+        let ino = Self::new_ino();
+        let node = new_inode(Kind::File, mode, uid, gid);
+        {
+            let mut p = self.pending.lock();
+            let taken_here = p.by_dir.get(&parent).is_some_and(|m| m.contains_key(name));
+            let cached = self.inodes.lock().get(&parent).map(|c| c.inode.clone());
+            let Some(d) = cached else { return Ok(None) };
+            if !d.is_dir() {
+                return Err(FsError::NotDir);
+            }
+            if taken_here || d.find(name).is_some() {
+                return if exclusive { Err(FsError::Exists) } else { Ok(None) };
+            }
+            p.by_dir.entry(parent).or_default().insert(name.to_vec(), (ino, Instant::now()));
+            p.inos.insert(ino, (parent, name.to_vec()));
+        }
+        let mut st = FileState::new(0, node.clone(), self.data.chunk_bytes);
+        st.create = Some((parent, name.to_vec()));
+        st.handles = 1;
+        let f = Arc::new(OpenFile::new(ino, st));
+        self.files.lock().insert(ino, f.clone());
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle::File(f));
+        self.kernel_versions.lock().insert(ino, 0);
+        Ok(Some((ino, Arc::new(node), fh)))
+    }
+
+    /// Writes a lease-created file's inode (version 1; with its content if
+    /// `with_content`, else as created) and its entry, at the same time.
+    pub(super) async fn publish_create(&self, ino: u64, st: &mut FileState, durable: bool, with_content: bool) -> FsResult<()> {
+        let Some((parent, name)) = st.create.clone() else { return Ok(()) };
+        let (node, rec) = creation_record(st, with_content);
+        let write_inode = self.write_new_inode(ino, st.version, rec, durable);
+        let one = [(name.clone(), ino)];
+        let link = self.publish_entries(parent, &one);
+        let (written, linked) = tokio::join!(write_inode, link);
+        let written = self.note_inode_written(ino, st, node, written, with_content);
+        linked?;
+        st.create = None;
+        self.unpend(parent, &name);
+        written?;
+        if durable {
+            self.sync_record(parent).await?;
+        }
+        Ok(())
+    }
+
+    /// The CAS that creates a lease-made file's record, unless an earlier attempt did.
+    async fn write_new_inode(&self, ino: u64, written_before: u64, rec: Vec<u8>, durable: bool) -> FsResult<(u64, bool)> {
+        if written_before > 0 {
+            return Ok((written_before, false));
+        }
+        match self.records.cas_with(self.key(ino), 0, Some(rec), durable).await {
+            Ok(Swap::Done(v)) => Ok((v, true)),
+            // Our own random number: an earlier attempt landed; its content is not known
+            // to be ours, so the next publish writes it again.
+            Ok(Swap::Conflict(rec)) if rec.exists() => Ok((rec.version, false)),
+            Ok(Swap::Conflict(_)) => Err(FsError::Io(format!("inode {ino}: deleted while being created"))),
+            Err(e) => Err(FsError::from(e)),
+        }
+    }
+
+    fn note_inode_written(&self, ino: u64, st: &mut FileState, node: Inode, written: FsResult<(u64, bool)>, with_content: bool) -> FsResult<()> {
+        let (v, fresh) = written?;
+        st.version = v;
+        if fresh && with_content {
+            st.content_changed = false;
+            st.attrs_changed = false;
+            st.attrs = AttrChanges::default();
+            self.reclaimer.reclaim(std::mem::take(&mut st.garbage));
+            self.kernel_versions.lock().insert(ino, v);
+        }
+        if fresh {
+            self.remember(ino, v, Arc::new(node));
+        }
+        Ok(())
+    }
+
+    /// Publishes lease-created files that have been closed: per directory, their inodes
+    /// in parallel and then all their entries in one write of the directory.
+    pub(super) async fn publish_closed(&self) {
+        let closed: Vec<u64> = std::mem::take(&mut self.pending.lock().closed).into_iter().collect();
+        if closed.is_empty() {
+            return;
+        }
+        let mut by_dir: std::collections::HashMap<u64, Vec<u64>> = std::collections::HashMap::new();
+        {
+            let p = self.pending.lock();
+            for ino in closed {
+                if let Some((dir, _)) = p.inos.get(&ino) {
+                    by_dir.entry(*dir).or_default().push(ino);
+                }
+            }
+        }
+        futures_util::stream::iter(by_dir)
+            .for_each_concurrent(PUBLISH_DIRS_PARALLEL, |(dir, inos)| async move {
+                if let Err(e) = self.publish_dir_batch(dir, &inos).await {
+                    log::warn!("directory {dir}: could not publish {} files created under its lease (will retry): {e}", inos.len());
+                    self.pending.lock().closed.extend(inos);
+                }
+            })
+            .await;
+    }
+
+    async fn publish_dir_batch(&self, dir: u64, inos: &[u64]) -> FsResult<()> {
+        let files: Vec<Arc<OpenFile>> = {
+            let m = self.files.lock();
+            inos.iter().filter_map(|i| m.get(i).cloned()).collect()
+        };
+        let mut states = Vec::with_capacity(files.len());
+        for f in &files {
+            states.push(f.st.lock().await);
+        }
+        let mut todo = Vec::new();
+        for (i, st) in states.iter_mut().enumerate() {
+            if st.create.is_none() {
+                continue;
+            }
+            st.settle(&self.data).await?;
+            let (node, rec) = creation_record(st, true);
+            todo.push((i, node, rec, st.version));
+        }
+        let written = futures_util::future::join_all(todo.iter().map(|(i, _, rec, v0)| self.write_new_inode(files[*i].ino, *v0, rec.clone(), false))).await;
+        let mut entries = Vec::new();
+        let mut done = Vec::new();
+        for ((i, node, _, _), w) in todo.into_iter().zip(written) {
+            let ino = files[i].ino;
+            let st = &mut states[i];
+            match self.note_inode_written(ino, st, node, w, true) {
+                Ok(()) => {
+                    let (_, name) = st.create.clone().expect("checked above");
+                    entries.push((name, ino));
+                    done.push(i);
+                }
+                Err(e) => {
+                    log::warn!("inode {ino}: could not write a file created under a lease (will retry): {e}");
+                    self.pending.lock().closed.insert(ino);
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.publish_entries(dir, &entries).await {
+            self.pending.lock().closed.extend(done.iter().map(|i| files[*i].ino));
+            return Err(e);
+        }
+        for i in done {
+            let st = &mut states[i];
+            if let Some((_, name)) = st.create.take() {
+                self.unpend(dir, &name);
+            }
+            if st.handles == 0 {
+                let mut m = self.files.lock();
+                if m.get(&files[i].ino).is_some_and(|f| Arc::ptr_eq(f, &files[i])) {
+                    m.remove(&files[i].ino);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds lease-created files' entries to `parent` in one write, renewing the lease on
+    /// the way (or giving it back if another mount asked). Should a name have been taken
+    /// meanwhile — only possible if this mount went silent for longer than its lease —
+    /// that file is linked under a conflict name rather than lost.
+    async fn publish_entries(&self, parent: u64, files: &[(Vec<u8>, u64)]) -> FsResult<()> {
+        let mut outcome = Renewal::NotOurs;
+        let mut wrote_lease = false;
+        let mut renamed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let sent = Instant::now();
+        let d = self
+            .modify(parent, |d| {
+                if !d.is_dir() {
+                    return Err(FsError::NotDir);
+                }
+                outcome = self.leases.renewal(d.lease_holder, d.lease_wanted);
+                wrote_lease = false;
+                renamed.clear();
+                let mut changed = false;
+                for (name, ino) in files {
+                    let mut final_name = name.clone();
+                    if let Some(e) = d.find(name) {
+                        if e.ino == *ino {
+                            continue;
+                        }
+                        final_name = conflict_name(name, *ino);
+                        if d.find(&final_name).is_some_and(|e| e.ino == *ino) {
+                            continue;
+                        }
+                        renamed.push((name.clone(), final_name.clone()));
+                    }
+                    d.insert(DirEntry { name: final_name, ino: *ino, kind: Kind::File as u32, born_ms: inode::now_ns() / 1_000_000 });
+                    changed = true;
+                }
+                if !changed {
+                    return Ok(false);
+                }
+                d.touch(true);
+                // Asked to let go: not here, since files still open may hold names
+                // under this lease; the keeper publishes them all, then releases.
+                if outcome == Renewal::Renew {
+                    d.lease_epoch += 1;
+                    wrote_lease = true;
+                }
+                Ok(true)
+            })
+            .await?;
+        match outcome {
+            Renewal::Renew if wrote_lease => self.leases.granted(parent, d.lease_epoch, sent),
+            Renewal::Renew => {}
+            Renewal::Release => {
+                self.release_asked.lock().insert(parent);
+                self.closed_ready.notify_one();
+            }
+            Renewal::NotOurs => self.leases.dropped(parent),
+        }
+        for (name, final_name) in renamed {
+            log::warn!(
+                "{:?} was created here under a directory lease that lapsed, and another mount took the name meanwhile: kept as {:?}",
+                String::from_utf8_lossy(&name),
+                String::from_utf8_lossy(&final_name)
+            );
+        }
+        Ok(())
+    }
+
+    /// Renews (`keep`) or gives back this mount's lease on `dir`. A release stops
+    /// local decisions first, then publishes what was created under the lease, so no
+    /// reserved name outlives it; a renewal that finds another mount waiting releases.
+    pub(super) async fn write_lease(&self, dir: u64, keep: bool) {
+        if !keep {
+            // No new lease here while this one is being given back.
+            self.leases.back_off_for(dir, Instant::now(), crate::fs::lease::IDLE_RELEASE);
+            self.leases.dropped(dir);
+            if let Err(e) = self.settle_dir(dir).await {
+                log::warn!("directory {dir}: could not publish files created under its lease: {e}");
+                return;
+            }
+        }
+        let mut outcome = Renewal::NotOurs;
+        let sent = Instant::now();
+        let r = self
+            .modify(dir, |d| {
+                outcome = self.leases.renewal(d.lease_holder, d.lease_wanted);
+                match outcome {
+                    Renewal::Renew if keep => d.lease_epoch += 1,
+                    Renewal::Renew | Renewal::Release if !keep => {
+                        d.lease_holder = 0;
+                        d.lease_wanted = false;
+                    }
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+            .await;
+        match (r, outcome) {
+            (Ok(d), Renewal::Renew) if keep => self.leases.granted(dir, d.lease_epoch, sent),
+            (Ok(_), Renewal::Release) if keep => Box::pin(self.write_lease(dir, false)).await,
+            (Ok(_), Renewal::Release) => self.leases.back_off(dir, Instant::now()),
+            (Ok(_), _) => {}
+            (Err(e), _) => {
+                log::debug!("directory {dir}: lease write failed: {e}");
+                self.leases.dropped(dir);
+            }
+        }
+    }
+
+    /// Another mount holds `dir`'s lease: asks it once to let go, then looks again every
+    /// few ms until it has or the lease lapsed (by this mount's clock), or `deadline`.
+    pub(super) async fn wait_for_lease(&self, dir: u64, mut version: u64, mut cur: Arc<Inode>, deadline: Instant) -> FsResult<(u64, Arc<Inode>)> {
+        for _ in 0..MAX_SWAPS * 64 {
+            if !self.leases.foreign_live(dir, cur.lease_holder, cur.lease_epoch, Instant::now()) {
+                return Ok((version, cur));
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            if !cur.lease_wanted {
+                let mut w = (*cur).clone();
+                w.lease_wanted = true;
+                match self.records.cas(self.key(dir), version, Some(inode::encode(&w))).await? {
+                    Swap::Done(v) => {
+                        version = v;
+                        cur = Arc::new(w);
+                        self.remember(dir, version, cur.clone());
+                    }
+                    Swap::Conflict(rec) => {
+                        if !rec.exists() {
+                            self.forget(dir);
+                            return Err(FsError::NotFound);
+                        }
+                        version = rec.version;
+                        cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {dir}: {e}")))?);
+                        self.remember(dir, version, cur.clone());
+                        continue;
+                    }
+                }
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+            (version, cur) = self.load(dir, Duration::ZERO).await?;
+        }
+        Err(FsError::Io(format!("directory {dir}: another mount holds its lease and did not let go")))
+    }
+
+    /// Background upkeep of this mount's leases, every 100 ms until `shutdown`: files
+    /// created under a lease and open for long are settled, idle leases given back,
+    /// busy ones renewed.
+    pub async fn keep_leases(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut last_upkeep = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.closed_ready.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.publish_closed().await;
+            let asked: Vec<u64> = std::mem::take(&mut *self.release_asked.lock()).into_iter().collect();
+            for dir in asked {
+                self.write_lease(dir, false).await;
+                self.leases.back_off(dir, Instant::now());
+            }
+            if last_upkeep.elapsed() < Duration::from_millis(100) {
+                continue;
+            }
+            last_upkeep = Instant::now();
+            let now = Instant::now();
+            let old: Vec<u64> = self.pending.lock().by_dir.values().flat_map(|m| m.values()).filter(|(_, t)| now.duration_since(*t) >= PENDING_MAX_AGE).map(|(ino, _)| *ino).collect();
+            for ino in old {
+                if let Err(e) = self.settle_ino(ino).await {
+                    log::warn!("inode {ino}: could not publish a file created under a lease: {e}");
+                }
+            }
+            let (release, renew) = self.leases.upkeep(Instant::now());
+            for dir in release {
+                self.write_lease(dir, false).await;
+            }
+            for dir in renew {
+                self.write_lease(dir, true).await;
+            }
+        }
+    }
+}
+
+/// The record that creates a lease-made file: as it is now, or as created (no content).
+fn creation_record(st: &FileState, with_content: bool) -> (Inode, Vec<u8>) {
+    let mut node = st.inode.clone();
+    if !with_content {
+        node.size = 0;
+        node.inline_data.clear();
+        node.chunks.clear();
+    }
+    let rec = inode::encode(&node);
+    (node, rec)
+}
+
+/// `name.conflict-<ino>`, cut to fit the name limit.
+fn conflict_name(name: &[u8], ino: u64) -> Vec<u8> {
+    let suffix = format!(".conflict-{ino:016x}");
+    let keep = name.len().min(inode::MAX_NAME - suffix.len());
+    let mut n = name[..keep].to_vec();
+    n.extend_from_slice(suffix.as_bytes());
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_fit_the_limit_and_differ_from_the_original() {
+        let long = vec![b'a'; inode::MAX_NAME];
+        let c = conflict_name(&long, 42);
+        assert!(c.len() <= inode::MAX_NAME);
+        assert_ne!(c, long);
+        assert!(c.ends_with(b".conflict-000000000000002a"));
+        assert_eq!(conflict_name(b"f", 1), b"f.conflict-0000000000000001".to_vec());
+    }
+}
