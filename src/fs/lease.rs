@@ -18,12 +18,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How long another mount waits on a lease whose holder has gone silent (crashed,
-/// frozen, cut off) before it treats the lease as void.
-pub const LEASE_TTL: Duration = Duration::from_secs(4);
+/// frozen, cut off) before it treats the lease as void. Short, because a mount that
+/// crashed leaves this wait on each directory it was creating in; a live holder renews
+/// a busy lease long before (each publish renews it) and gives an idle one back.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
 /// How long the holder trusts its lease after sending the CAS that took or renewed it.
-pub const OWN_FOR: Duration = Duration::from_secs(3);
+pub const OWN_FOR: Duration = Duration::from_millis(1500);
 /// Renew when less than this is left and the lease is still in use.
-pub const RENEW_BEFORE: Duration = Duration::from_millis(1500);
+pub const RENEW_BEFORE: Duration = Duration::from_millis(750);
 /// A lease not used for this long is given back.
 pub const IDLE_RELEASE: Duration = Duration::from_millis(300);
 /// After letting a lease go because another mount asked, or finding one held by another

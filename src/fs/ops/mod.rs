@@ -25,6 +25,9 @@ mod leased;
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// CAS retries under contention before giving up with EIO.
 const MAX_SWAPS: usize = 64;
+/// Closed files created under a lease that may wait for the background publisher; past
+/// that, a close publishes its file itself (memory stays bounded if the ring is slow).
+const MAX_CLOSED_UNPUBLISHED: usize = 4096;
 /// Inodes prefetched after an opendir, and how many loads run at once.
 const PREFETCH_MAX: usize = 4096;
 const PREFETCH_PARALLEL: usize = 16;
@@ -512,7 +515,7 @@ impl Fs {
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
-        if st.create.is_some() {
+        if st.create.is_some() && self.pending.lock().closed.len() < MAX_CLOSED_UNPUBLISHED {
             // Created under a lease: written in the background once closed (see `leased`);
             // here only the chunks go out, so a close still reports a failed write.
             return st.settle(&self.data).await;
