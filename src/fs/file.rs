@@ -105,6 +105,8 @@ pub struct FileState {
     /// Created under a directory lease and not yet published: (directory, name). The
     /// next publish writes the inode (version 1) and the entry together.
     pub create: Option<(u64, Vec<u8>)>,
+    /// Flushed (a close) with no write since: what is here is what the closer wrote.
+    pub flushed: bool,
     failed: Option<FsError>,
 }
 
@@ -127,6 +129,7 @@ impl FileState {
             handles: 0,
             unlinked: false,
             create: None,
+            flushed: false,
             failed: None,
         }
     }

@@ -52,6 +52,8 @@ pub struct Leases {
     /// This mount's id in lease records (random, never 0).
     pub me: u64,
     held: Mutex<HashMap<u64, Held>>,
+    /// Being given back: no local decisions, no renewal.
+    releasing: Mutex<std::collections::HashSet<u64>>,
     backoff: Mutex<HashMap<u64, Instant>>,
     seen: Mutex<HashMap<u64, Seen>>,
 }
@@ -70,7 +72,7 @@ pub enum Renewal {
 impl Leases {
     pub fn new(me: u64) -> Leases {
         assert!(me != 0, "0 means no holder");
-        Leases { me, held: Mutex::new(HashMap::new()), backoff: Mutex::new(HashMap::new()), seen: Mutex::new(HashMap::new()) }
+        Leases { me, held: Mutex::new(HashMap::new()), releasing: Mutex::new(Default::default()), backoff: Mutex::new(HashMap::new()), seen: Mutex::new(HashMap::new()) }
     }
 
     /// True if this mount may trust its copy of `dir` now; marks the lease used.
@@ -113,8 +115,12 @@ impl Leases {
         b.insert(dir, until);
     }
 
-    /// The CAS sent at `sent` wrote `epoch` with us as holder.
+    /// The CAS sent at `sent` wrote `epoch` with us as holder (ignored while the lease
+    /// is being given back: a publish on the way must not bring it back to life).
     pub fn granted(&self, dir: u64, epoch: u64, sent: Instant) {
+        if self.releasing(dir) {
+            return;
+        }
         let mut m = self.held.lock();
         let last_used = m.get(&dir).map(|h| h.last_used).unwrap_or(sent);
         m.insert(dir, Held { epoch, valid_until: sent + OWN_FOR, last_used });
@@ -122,6 +128,21 @@ impl Leases {
 
     pub fn dropped(&self, dir: u64) {
         self.held.lock().remove(&dir);
+    }
+
+    /// From now until `end_release`, the lease on `dir` is neither trusted nor renewed.
+    pub fn start_release(&self, dir: u64) {
+        self.releasing.lock().insert(dir);
+        self.held.lock().remove(&dir);
+    }
+
+    pub fn end_release(&self, dir: u64) {
+        self.releasing.lock().remove(&dir);
+        self.held.lock().remove(&dir);
+    }
+
+    pub fn releasing(&self, dir: u64) -> bool {
+        self.releasing.lock().contains(&dir)
     }
 
     /// What a write of `dir` whose current record has these lease fields should do with
@@ -215,6 +236,22 @@ mod tests {
         assert_eq!(a.renewal(7, true), Renewal::Release);
         assert_eq!(a.renewal(8, false), Renewal::NotOurs);
         assert_eq!(a.renewal(0, true), Renewal::NotOurs);
+    }
+
+    #[test]
+    fn a_lease_being_given_back_is_neither_trusted_nor_renewed() {
+        let a = Leases::new(7);
+        let t0 = Instant::now();
+        a.granted(1, 1, t0);
+        assert!(a.trusts(1, t0));
+        a.start_release(1);
+        assert!(!a.trusts(1, t0));
+        a.granted(1, 2, t0);
+        assert!(!a.trusts(1, t0), "a renewal during the release revived the lease");
+        a.end_release(1);
+        assert!(!a.trusts(1, t0));
+        a.granted(1, 3, t0);
+        assert!(a.trusts(1, t0));
     }
 
     #[test]

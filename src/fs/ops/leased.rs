@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// How often another mount's lease is looked at again while waiting for it.
 const LEASE_POLL: Duration = Duration::from_millis(10);
+/// How long what the ring refused waits before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Directories whose closed files are published at once.
 const PUBLISH_DIRS_PARALLEL: usize = 16;
 
@@ -54,19 +56,23 @@ impl Fs {
         let Some(f) = f else { return Ok(()) };
         let mut st = f.st.lock().await;
         if st.create.is_some() {
-            // Closed: all of it; still open: as created (its content follows at close).
+            // Closed, or flushed with nothing written since: all of it (what the closer
+            // wrote); still being written: as created, its content following at close.
             let closed = st.handles == 0;
-            if closed {
+            let whole = closed || st.flushed;
+            if whole {
                 st.settle(&self.data).await?;
             }
-            self.publish_create(ino, &mut st, false, closed).await?;
+            self.publish_create(ino, &mut st, false, whole).await?;
             if closed {
-                self.pending.lock().closed.remove(&ino);
                 let mut m = self.files.lock();
                 if m.get(&ino).is_some_and(|x| Arc::ptr_eq(x, &f)) {
                     m.remove(&ino);
                 }
             }
+            let mut p = self.pending.lock();
+            p.closed.remove(&ino);
+            p.retry.remove(&ino);
         }
         Ok(())
     }
@@ -99,7 +105,10 @@ impl Fs {
         }
         let Ok((mut version, mut d)) = self.dir(dir, super::ATTR_TTL).await else { return false };
         for _ in 0..3 {
-            if self.leases.foreign_live(dir, d.lease_holder, d.lease_epoch, Instant::now()) {
+            let ours_but_wanted = d.lease_holder == self.leases.me && d.lease_wanted;
+            if ours_but_wanted || self.leases.foreign_live(dir, d.lease_holder, d.lease_epoch, Instant::now()) {
+                // Someone holds it, or waits for ours (which lapsed here): the keeper
+                // gives ours back; meanwhile the ordinary path.
                 self.leases.back_off(dir, Instant::now());
                 return false;
             }
@@ -141,6 +150,10 @@ impl Fs {
         let node = new_inode(Kind::File, mode, uid, gid);
         {
             let mut p = self.pending.lock();
+            // Under the same lock as a release's start, so no create slips past it.
+            if !self.leases.trusts(parent, Instant::now()) {
+                return Ok(None);
+            }
             let taken_here = p.by_dir.get(&parent).is_some_and(|m| m.contains_key(name));
             let cached = self.inodes.lock().get(&parent).map(|c| c.inode.clone());
             let Some(d) = cached else { return Ok(None) };
@@ -165,30 +178,36 @@ impl Fs {
     }
 
     /// Writes a lease-created file's inode (version 1; with its content if
-    /// `with_content`, else as created) and its entry, at the same time.
+    /// `with_content`, else as created) and its entry, at the same time. The file stays
+    /// pending until all of it is on the ring, so a failure is retried, never lost.
     pub(super) async fn publish_create(&self, ino: u64, st: &mut FileState, durable: bool, with_content: bool) -> FsResult<()> {
         let Some((parent, name)) = st.create.clone() else { return Ok(()) };
-        let (node, rec) = creation_record(st, with_content);
-        let write_inode = self.write_new_inode(ino, st.version, rec, durable);
         let one = [(name.clone(), ino)];
-        let link = self.publish_entries(parent, &one);
-        let (written, linked) = tokio::join!(write_inode, link);
-        let written = self.note_inode_written(ino, st, node, written, with_content);
-        linked?;
-        st.create = None;
-        self.unpend(parent, &name);
-        written?;
+        let written_before = st.version > 0;
+        if written_before {
+            // An earlier attempt wrote the inode: the entry, then any change as usual.
+            self.publish_entries(parent, &one).await?;
+        } else {
+            let (node, rec) = creation_record(st, with_content);
+            let (written, linked) = tokio::join!(self.write_new_inode(ino, rec, durable), self.publish_entries(parent, &one));
+            self.note_inode_written(ino, st, node, written, with_content)?;
+            linked?;
+        }
+        if with_content && st.changed() {
+            self.publish_changes(ino, st, durable).await?;
+        } else if durable && written_before {
+            self.sync_record(ino).await?;
+        }
         if durable {
             self.sync_record(parent).await?;
         }
+        st.create = None;
+        self.unpend(parent, &name);
         Ok(())
     }
 
     /// The CAS that creates a lease-made file's record, unless an earlier attempt did.
-    async fn write_new_inode(&self, ino: u64, written_before: u64, rec: Vec<u8>, durable: bool) -> FsResult<(u64, bool)> {
-        if written_before > 0 {
-            return Ok((written_before, false));
-        }
+    async fn write_new_inode(&self, ino: u64, rec: Vec<u8>, durable: bool) -> FsResult<(u64, bool)> {
         match self.records.cas_with(self.key(ino), 0, Some(rec), durable).await {
             Ok(Swap::Done(v)) => Ok((v, true)),
             // Our own random number: an earlier attempt landed; its content is not known
@@ -216,9 +235,18 @@ impl Fs {
     }
 
     /// Publishes lease-created files that have been closed: per directory, their inodes
-    /// in parallel and then all their entries in one write of the directory.
+    /// in parallel and then all their entries in one write of the directory. What the
+    /// ring refuses is retried a second later; a file whose directory is gone is dropped.
     pub(super) async fn publish_closed(&self) {
-        let closed: Vec<u64> = std::mem::take(&mut self.pending.lock().closed).into_iter().collect();
+        let closed: Vec<u64> = {
+            let mut p = self.pending.lock();
+            let mut v: Vec<u64> = std::mem::take(&mut p.closed).into_iter().collect();
+            if p.retry_at.is_some_and(|t| Instant::now() >= t) {
+                v.extend(std::mem::take(&mut p.retry));
+                p.retry_at = None;
+            }
+            v
+        };
         if closed.is_empty() {
             return;
         }
@@ -233,12 +261,49 @@ impl Fs {
         }
         futures_util::stream::iter(by_dir)
             .for_each_concurrent(PUBLISH_DIRS_PARALLEL, |(dir, inos)| async move {
-                if let Err(e) = self.publish_dir_batch(dir, &inos).await {
-                    log::warn!("directory {dir}: could not publish {} files created under its lease (will retry): {e}", inos.len());
-                    self.pending.lock().closed.extend(inos);
+                match self.publish_dir_batch(dir, &inos).await {
+                    Ok(()) => {}
+                    Err(FsError::NotFound) | Err(FsError::NotDir) => self.drop_orphans(dir, &inos).await,
+                    Err(e) => {
+                        log::warn!("directory {dir}: could not publish {} files created under its lease (retrying): {e}", inos.len());
+                        self.retry_later(&inos);
+                    }
                 }
             })
             .await;
+    }
+
+    fn retry_later(&self, inos: &[u64]) {
+        let mut p = self.pending.lock();
+        p.retry.extend(inos.iter().copied());
+        if p.retry_at.is_none() {
+            p.retry_at = Some(Instant::now() + RETRY_AFTER);
+        }
+    }
+
+    /// The directory these files were created in was removed (possible only after this
+    /// mount's lease on it lapsed): nothing can name them any more.
+    async fn drop_orphans(&self, dir: u64, inos: &[u64]) {
+        for ino in inos {
+            let f = self.files.lock().get(ino).cloned();
+            let Some(f) = f else { continue };
+            let mut st = f.st.lock().await;
+            let Some((_, name)) = st.create.take() else { continue };
+            log::error!("{:?}: its directory was removed by another mount before this file could be written there; it is lost", String::from_utf8_lossy(&name));
+            self.unpend(dir, &name);
+            let mut stripes: Vec<crate::ring::Id> = st.inode.chunks.iter().filter_map(crate::fs::chunk::stripe_id).collect();
+            stripes.append(&mut st.garbage);
+            self.reclaimer.reclaim(stripes);
+            let written = st.version > 0;
+            drop(st);
+            if written {
+                let _ = self.destroy(*ino).await;
+            }
+            let mut m = self.files.lock();
+            if m.get(ino).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                m.remove(ino);
+            }
+        }
     }
 
     async fn publish_dir_batch(&self, dir: u64, inos: &[u64]) -> FsResult<()> {
@@ -251,18 +316,26 @@ impl Fs {
             states.push(f.st.lock().await);
         }
         let mut todo = Vec::new();
-        for (i, st) in states.iter_mut().enumerate() {
-            if st.create.is_none() {
-                continue;
-            }
-            st.settle(&self.data).await?;
-            let (node, rec) = creation_record(st, true);
-            todo.push((i, node, rec, st.version));
-        }
-        let written = futures_util::future::join_all(todo.iter().map(|(i, _, rec, v0)| self.write_new_inode(files[*i].ino, *v0, rec.clone(), false))).await;
         let mut entries = Vec::new();
         let mut done = Vec::new();
-        for ((i, node, _, _), w) in todo.into_iter().zip(written) {
+        for (i, st) in states.iter_mut().enumerate() {
+            let Some((_, name)) = st.create.clone() else { continue };
+            if let Err(e) = st.settle(&self.data).await {
+                log::warn!("inode {}: chunks of a file created under a lease not written (retrying): {e}", files[i].ino);
+                self.retry_later(&[files[i].ino]);
+                continue;
+            }
+            if st.version > 0 {
+                // Written as created before: only the entry and the content follow.
+                entries.push((name, files[i].ino));
+                done.push(i);
+            } else {
+                let (node, rec) = creation_record(st, true);
+                todo.push((i, node, rec));
+            }
+        }
+        let written = futures_util::future::join_all(todo.iter().map(|(i, _, rec)| self.write_new_inode(files[*i].ino, rec.clone(), false))).await;
+        for ((i, node, _), w) in todo.into_iter().zip(written) {
             let ino = files[i].ino;
             let st = &mut states[i];
             match self.note_inode_written(ino, st, node, w, true) {
@@ -272,8 +345,8 @@ impl Fs {
                     done.push(i);
                 }
                 Err(e) => {
-                    log::warn!("inode {ino}: could not write a file created under a lease (will retry): {e}");
-                    self.pending.lock().closed.insert(ino);
+                    log::warn!("inode {ino}: could not write a file created under a lease (retrying): {e}");
+                    self.retry_later(&[ino]);
                 }
             }
         }
@@ -281,19 +354,29 @@ impl Fs {
             return Ok(());
         }
         if let Err(e) = self.publish_entries(dir, &entries).await {
-            self.pending.lock().closed.extend(done.iter().map(|i| files[*i].ino));
+            if !matches!(e, FsError::NotFound | FsError::NotDir) {
+                self.retry_later(&done.iter().map(|i| files[*i].ino).collect::<Vec<u64>>());
+                return Ok(());
+            }
             return Err(e);
         }
         for i in done {
             let st = &mut states[i];
-            if let Some((_, name)) = st.create.take() {
-                self.unpend(dir, &name);
+            if st.changed() {
+                if let Err(e) = self.publish_changes(files[i].ino, st, false).await {
+                    log::warn!("inode {}: content of a file created under a lease not written (retrying): {e}", files[i].ino);
+                    self.retry_later(&[files[i].ino]);
+                    continue;
+                }
             }
             if st.handles == 0 {
                 let mut m = self.files.lock();
                 if m.get(&files[i].ino).is_some_and(|f| Arc::ptr_eq(f, &files[i])) {
                     m.remove(&files[i].ino);
                 }
+            }
+            if let Some((_, name)) = st.create.take() {
+                self.unpend(dir, &name);
             }
         }
         Ok(())
@@ -338,7 +421,7 @@ impl Fs {
                 d.touch(true);
                 // Asked to let go: not here, since files still open may hold names
                 // under this lease; the keeper publishes them all, then releases.
-                if outcome == Renewal::Renew {
+                if outcome == Renewal::Renew && !self.leases.releasing(parent) {
                     d.lease_epoch += 1;
                     wrote_lease = true;
                 }
@@ -369,11 +452,18 @@ impl Fs {
     /// reserved name outlives it; a renewal that finds another mount waiting releases.
     pub(super) async fn write_lease(&self, dir: u64, keep: bool) {
         if !keep {
-            // No new lease here while this one is being given back.
-            self.leases.back_off_for(dir, Instant::now(), crate::fs::lease::IDLE_RELEASE);
-            self.leases.dropped(dir);
-            if let Err(e) = self.settle_dir(dir).await {
+            // No local decision, renewal or new lease here while it is given back; under
+            // the pending lock, so a create either came before (and is settled below) or
+            // sees the lease gone.
+            {
+                let _p = self.pending.lock();
+                self.leases.back_off_for(dir, Instant::now(), crate::fs::lease::IDLE_RELEASE);
+                self.leases.start_release(dir);
+            }
+            let r = self.settle_dir(dir).await;
+            if let Err(e) = r {
                 log::warn!("directory {dir}: could not publish files created under its lease: {e}");
+                self.leases.end_release(dir);
                 return;
             }
         }
@@ -393,11 +483,15 @@ impl Fs {
                 Ok(true)
             })
             .await;
+        if !keep {
+            self.leases.end_release(dir);
+        }
         match (r, outcome) {
             (Ok(d), Renewal::Renew) if keep => self.leases.granted(dir, d.lease_epoch, sent),
             (Ok(_), Renewal::Release) if keep => Box::pin(self.write_lease(dir, false)).await,
             (Ok(_), Renewal::Release) => self.leases.back_off(dir, Instant::now()),
-            (Ok(_), _) => {}
+            (Ok(_), Renewal::Renew) => {}
+            (Ok(_), Renewal::NotOurs) => self.leases.dropped(dir),
             (Err(e), _) => {
                 log::debug!("directory {dir}: lease write failed: {e}");
                 self.leases.dropped(dir);

@@ -77,6 +77,9 @@ struct Pending {
     inos: HashMap<u64, (u64, Vec<u8>)>,
     /// Of those, the ones closed: to be published in the background.
     closed: std::collections::HashSet<u64>,
+    /// Ones the ring refused, tried again from `retry_at`.
+    retry: std::collections::HashSet<u64>,
+    retry_at: Option<Instant>,
 }
 
 impl Fs {
@@ -450,24 +453,34 @@ impl Fs {
                 Ok((ino, i, fh))
             }
             Err(FsError::Exists) if !exclusive => {
-                let e = self.entry(parent, name).await?;
-                let (fh, _) = self.open(e.ino).await?;
-                Ok((e.ino, self.getattr(e.ino).await?, fh))
+                let ino = match self.pending_ino(parent, name) {
+                    Some(ino) => ino,
+                    None => self.entry(parent, name).await?.ino,
+                };
+                let (fh, _) = self.open(ino).await?;
+                Ok((ino, self.getattr(ino).await?, fh))
             }
             Err(e) => Err(e),
         }
     }
 
     async fn open_loaded(&self, ino: u64, version: u64, inode: Inode) -> u64 {
-        let f = {
-            let mut files = self.files.lock();
-            files.entry(ino).or_insert_with(|| Arc::new(OpenFile::new(ino, FileState::new(version, inode.clone(), self.data.chunk_bytes)))).clone()
-        };
-        {
+        let f = loop {
+            let f = {
+                let mut files = self.files.lock();
+                files.entry(ino).or_insert_with(|| Arc::new(OpenFile::new(ino, FileState::new(version, inode.clone(), self.data.chunk_bytes)))).clone()
+            };
             let mut st = f.st.lock().await;
-            st.refresh(version, inode);
+            // A last close (or the publisher) may have dropped this state from `files`
+            // while we waited for it: then take a fresh one, never two for one file.
+            if !self.files.lock().get(&ino).is_some_and(|x| Arc::ptr_eq(x, &f)) {
+                continue;
+            }
+            st.refresh(version, inode.clone());
             st.handles += 1;
-        }
+            drop(st);
+            break f;
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle::File(f));
         self.kernel_versions.lock().insert(ino, version);
@@ -506,6 +519,7 @@ impl Fs {
     pub async fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
+        st.flushed = false;
         st.write(&self.data, off, data).await?;
         Ok(data.len())
     }
@@ -518,7 +532,9 @@ impl Fs {
         if st.create.is_some() && self.pending.lock().closed.len() < MAX_CLOSED_UNPUBLISHED {
             // Created under a lease: written in the background once closed (see `leased`);
             // here only the chunks go out, so a close still reports a failed write.
-            return st.settle(&self.data).await;
+            st.settle(&self.data).await?;
+            st.flushed = true;
+            return Ok(());
         }
         self.publish(f.ino, &mut st, false).await
     }
@@ -526,11 +542,13 @@ impl Fs {
     async fn publish(&self, ino: u64, st: &mut FileState, durable: bool) -> FsResult<()> {
         st.settle(&self.data).await?;
         if st.create.is_some() {
-            self.publish_create(ino, st, durable, true).await?;
-            if !st.changed() {
-                return Ok(());
-            }
+            return self.publish_create(ino, st, durable, true).await;
         }
+        self.publish_changes(ino, st, durable).await
+    }
+
+    /// Writes what changed in `st` (settled) by CAS at the version it started from.
+    async fn publish_changes(&self, ino: u64, st: &mut FileState, durable: bool) -> FsResult<()> {
         if !st.changed() {
             if durable {
                 // Nothing new, but an earlier lazy publish must reach the disks.
@@ -647,6 +665,7 @@ impl Fs {
             changes.apply(&mut st.inode);
             st.attrs.merge(&changes);
             st.attrs_changed = true;
+            st.flushed = false;
             st.inode.ctime_ns = inode::now_ns();
             // A truncate through an open file (O_TRUNC, ftruncate) is published with
             // the writes that follow it, at close: other mounts see the old content or
@@ -747,6 +766,7 @@ impl Fs {
     /// Deletes an empty directory's record, refusing if it has entries.
     async fn destroy_empty_dir(&self, ino: u64) -> FsResult<()> {
         self.settle_dir(ino).await?;
+        let deadline = Instant::now() + LEASE_TTL * 2;
         for _ in 0..MAX_SWAPS {
             let (v, d) = self.load(ino, Duration::ZERO).await?;
             if !d.is_dir() {
@@ -757,7 +777,7 @@ impl Fs {
             }
             if self.leases.foreign_live(ino, d.lease_holder, d.lease_epoch, Instant::now()) {
                 // Its holder may be creating in it: ask, wait, and look again.
-                self.wait_for_lease(ino, v, d, Instant::now() + LEASE_TTL * 2).await?;
+                self.wait_for_lease(ino, v, d, deadline).await?;
                 continue;
             }
             if let Swap::Done(_) = self.records.cas(self.key(ino), v, None).await? {
@@ -809,7 +829,9 @@ impl Fs {
             }
             if td {
                 self.settle_dir(t.ino).await?;
-                let (_, d) = self.load(t.ino, Duration::ZERO).await?;
+                let (v, d) = self.load(t.ino, Duration::ZERO).await?;
+                // Another mount may hold files it closed there but has not written yet.
+                let d = self.after_foreign_lease(t.ino, v, d).await?;
                 if !d.entries.is_empty() {
                     return Err(FsError::NotEmpty);
                 }
