@@ -25,7 +25,7 @@ pub const LEASE_TTL: Duration = Duration::from_secs(2);
 /// How long the holder trusts its lease after sending the CAS that took or renewed it.
 pub const OWN_FOR: Duration = Duration::from_millis(1500);
 /// Renew when less than this is left and the lease is still in use.
-pub const RENEW_BEFORE: Duration = Duration::from_millis(750);
+pub const RENEW_BEFORE: Duration = Duration::from_millis(1000);
 /// A lease not used for this long is given back.
 pub const IDLE_RELEASE: Duration = Duration::from_millis(300);
 /// After letting a lease go because another mount asked, or finding one held by another

@@ -24,8 +24,16 @@ use std::time::{Duration, Instant};
 
 /// How often another mount's lease is looked at again while waiting for it.
 const LEASE_POLL: Duration = Duration::from_millis(10);
+/// Directories with this many entries are not leased.
+const LEASE_MAX_ENTRIES: usize = 2048;
+/// The longest a close waits for the publisher's backlog to shrink.
+const BACKLOG_WAIT_MAX: Duration = Duration::from_secs(20);
 /// How long what the ring refused waits before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Inode writes in flight per batch.
+const INODE_WRITES_PARALLEL: usize = 32;
+/// Files per batch (the rest wait for the next): bounds how long a batch holds them.
+const BATCH_MAX: usize = 256;
 /// Directories whose closed files are published at once.
 const PUBLISH_DIRS_PARALLEL: usize = 16;
 
@@ -39,10 +47,21 @@ impl Fs {
         if let Some(m) = p.by_dir.get_mut(&dir) {
             if let Some((ino, _)) = m.remove(name) {
                 p.inos.remove(&ino);
+                p.unpublished.remove(&ino);
+                self.published.notify_waiters();
             }
             if p.by_dir.get(&dir).is_some_and(|m| m.is_empty()) {
                 p.by_dir.remove(&dir);
             }
+        }
+    }
+
+    /// Waits (bounded) while more closed files wait for the publisher than it should
+    /// have to catch up with.
+    pub(super) async fn wait_for_backlog(&self) {
+        let deadline = Instant::now() + BACKLOG_WAIT_MAX;
+        while self.pending.lock().unpublished.len() >= super::MAX_CLOSED_UNPUBLISHED && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.published.notified()).await;
         }
     }
 
@@ -88,10 +107,11 @@ impl Fs {
     /// directory or changes its entries the ordinary way.
     pub(super) async fn settle_dir(&self, dir: u64) -> FsResult<()> {
         let inos: Vec<u64> = self.pending.lock().by_dir.get(&dir).map(|m| m.values().map(|x| x.0).collect()).unwrap_or_default();
-        for ino in inos {
-            self.settle_ino(ino).await?;
+        if inos.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // One write of the directory for all of them (it may hold thousands of entries).
+        self.publish_dir_batch(dir, &inos).await
     }
 
     /// True if this mount holds the lease on `dir` now, taking it if it may. Any
@@ -104,6 +124,12 @@ impl Fs {
             return false;
         }
         let Ok((mut version, mut d)) = self.dir(dir, super::ATTR_TTL).await else { return false };
+        if d.entries.len() >= LEASE_MAX_ENTRIES {
+            // Every publish rewrites the whole directory record, and many mounts'
+            // files meet in big directories: the ordinary path there.
+            self.leases.back_off(dir, Instant::now());
+            return false;
+        }
         for _ in 0..3 {
             let ours_but_wanted = d.lease_holder == self.leases.me && d.lease_wanted;
             if ours_but_wanted || self.leases.foreign_live(dir, d.lease_holder, d.lease_epoch, Instant::now()) {
@@ -137,6 +163,8 @@ impl Fs {
                 _ => return false,
             }
         }
+        // The directory is busy (our publisher writes it too): no new try for a while.
+        self.leases.back_off_for(dir, Instant::now(), crate::fs::lease::IDLE_RELEASE);
         false
     }
 
@@ -259,15 +287,29 @@ impl Fs {
                 }
             }
         }
+        let mut later = Vec::new();
+        for inos in by_dir.values_mut() {
+            if inos.len() > BATCH_MAX {
+                later.extend(inos.split_off(BATCH_MAX));
+            }
+        }
+        if !later.is_empty() {
+            self.pending.lock().closed.extend(later);
+            self.closed_ready.notify_one();
+        }
         futures_util::stream::iter(by_dir)
             .for_each_concurrent(PUBLISH_DIRS_PARALLEL, |(dir, inos)| async move {
                 match self.publish_dir_batch(dir, &inos).await {
                     Ok(()) => {}
                     Err(FsError::NotFound) | Err(FsError::NotDir) => self.drop_orphans(dir, &inos).await,
-                    Err(e) => {
-                        log::warn!("directory {dir}: could not publish {} files created under its lease (retrying): {e}", inos.len());
-                        self.retry_later(&inos);
-                    }
+                    Err(e) => log::warn!("directory {dir}: could not publish files created under its lease (retrying): {e}"),
+                }
+                let left: Vec<u64> = {
+                    let p = self.pending.lock();
+                    inos.iter().copied().filter(|i| p.inos.contains_key(i)).collect()
+                };
+                if !left.is_empty() {
+                    self.retry_later(&left);
                 }
             })
             .await;
@@ -306,7 +348,16 @@ impl Fs {
         }
     }
 
+    /// Publishes these files created under `dir`'s lease: inodes in parallel, then all
+    /// entries in one write of the directory, then content written since an earlier
+    /// attempt. Closed (or flushed) files go out whole, files still being written as
+    /// created. What fails stays pending; the first error is returned.
     async fn publish_dir_batch(&self, dir: u64, inos: &[u64]) -> FsResult<()> {
+        // Locked in one global order (by inode number): a settle and the publisher
+        // may batch overlapping sets at the same time.
+        let mut inos = inos.to_vec();
+        inos.sort_unstable();
+        inos.dedup();
         let files: Vec<Arc<OpenFile>> = {
             let m = self.files.lock();
             inos.iter().filter_map(|i| m.get(i).cloned()).collect()
@@ -315,57 +366,62 @@ impl Fs {
         for f in &files {
             states.push(f.st.lock().await);
         }
+        let mut first_err: Option<FsError> = None;
         let mut todo = Vec::new();
         let mut entries = Vec::new();
         let mut done = Vec::new();
         for (i, st) in states.iter_mut().enumerate() {
             let Some((_, name)) = st.create.clone() else { continue };
-            if let Err(e) = st.settle(&self.data).await {
-                log::warn!("inode {}: chunks of a file created under a lease not written (retrying): {e}", files[i].ino);
-                self.retry_later(&[files[i].ino]);
-                continue;
+            let whole = st.handles == 0 || st.flushed;
+            if whole {
+                if let Err(e) = st.settle(&self.data).await {
+                    first_err.get_or_insert(e);
+                    continue;
+                }
             }
             if st.version > 0 {
-                // Written as created before: only the entry and the content follow.
+                // Written as created before: the entry, then the content, follow.
                 entries.push((name, files[i].ino));
-                done.push(i);
+                done.push((i, whole));
             } else {
-                let (node, rec) = creation_record(st, true);
-                todo.push((i, node, rec));
+                let (node, rec) = creation_record(st, whole);
+                todo.push((i, whole, node, rec));
             }
         }
-        let written = futures_util::future::join_all(todo.iter().map(|(i, _, rec)| self.write_new_inode(files[*i].ino, rec.clone(), false))).await;
-        for ((i, node, _), w) in todo.into_iter().zip(written) {
+        // A few dozen at a time: thousands of CASes at once only time out.
+        let writes: Vec<_> = todo
+            .iter()
+            .map(|t| {
+                let (ino, rec) = (files[t.0].ino, t.3.clone());
+                async move { self.write_new_inode(ino, rec, false).await }
+            })
+            .collect();
+        let written: Vec<FsResult<(u64, bool)>> = futures_util::stream::iter(writes)
+            .buffered(INODE_WRITES_PARALLEL)
+            .collect()
+            .await;
+        for ((i, whole, node, _), w) in todo.into_iter().zip(written) {
             let ino = files[i].ino;
             let st = &mut states[i];
-            match self.note_inode_written(ino, st, node, w, true) {
+            match self.note_inode_written(ino, st, node, w, whole) {
                 Ok(()) => {
                     let (_, name) = st.create.clone().expect("checked above");
                     entries.push((name, ino));
-                    done.push(i);
+                    done.push((i, whole));
                 }
                 Err(e) => {
-                    log::warn!("inode {ino}: could not write a file created under a lease (retrying): {e}");
-                    self.retry_later(&[ino]);
+                    first_err.get_or_insert(e);
                 }
             }
         }
-        if entries.is_empty() {
-            return Ok(());
+        if !entries.is_empty() {
+            self.publish_entries(dir, &entries).await?;
         }
-        if let Err(e) = self.publish_entries(dir, &entries).await {
-            if !matches!(e, FsError::NotFound | FsError::NotDir) {
-                self.retry_later(&done.iter().map(|i| files[*i].ino).collect::<Vec<u64>>());
-                return Ok(());
-            }
-            return Err(e);
-        }
-        for i in done {
+        for (i, whole) in done {
             let st = &mut states[i];
-            if st.changed() {
+            if whole && st.changed() {
                 if let Err(e) = self.publish_changes(files[i].ino, st, false).await {
-                    log::warn!("inode {}: content of a file created under a lease not written (retrying): {e}", files[i].ino);
-                    self.retry_later(&[files[i].ino]);
+                    first_err.get_or_insert(e);
                     continue;
                 }
             }
@@ -378,8 +434,11 @@ impl Fs {
             if let Some((_, name)) = st.create.take() {
                 self.unpend(dir, &name);
             }
+            let mut p = self.pending.lock();
+            p.closed.remove(&files[i].ino);
+            p.retry.remove(&files[i].ino);
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Adds lease-created files' entries to `parent` in one write, renewing the lease on
@@ -540,7 +599,21 @@ impl Fs {
     /// created under a lease and open for long are settled, idle leases given back,
     /// busy ones renewed.
     pub async fn keep_leases(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut last_upkeep = Instant::now();
+        // Lease upkeep in a task of its own, so a slow batch never keeps a busy lease
+        // from being renewed.
+        let upkeep = {
+            let (fs, mut shutdown) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    fs.lease_upkeep().await;
+                }
+            })
+        };
+        let _upkeep = AbortOnDrop(upkeep);
         loop {
             tokio::select! {
                 _ = self.closed_ready.notified() => {}
@@ -548,30 +621,53 @@ impl Fs {
                 _ = shutdown.changed() => return,
             }
             self.publish_closed().await;
+            self.publish_old_open().await;
             let asked: Vec<u64> = std::mem::take(&mut *self.release_asked.lock()).into_iter().collect();
             for dir in asked {
                 self.write_lease(dir, false).await;
                 self.leases.back_off(dir, Instant::now());
             }
-            if last_upkeep.elapsed() < Duration::from_millis(100) {
-                continue;
-            }
-            last_upkeep = Instant::now();
-            let now = Instant::now();
-            let old: Vec<u64> = self.pending.lock().by_dir.values().flat_map(|m| m.values()).filter(|(_, t)| now.duration_since(*t) >= PENDING_MAX_AGE).map(|(ino, _)| *ino).collect();
-            for ino in old {
-                if let Err(e) = self.settle_ino(ino).await {
-                    log::warn!("inode {ino}: could not publish a file created under a lease: {e}");
-                }
-            }
-            let (release, renew) = self.leases.upkeep(Instant::now());
-            for dir in release {
-                self.write_lease(dir, false).await;
-            }
-            for dir in renew {
-                self.write_lease(dir, true).await;
+        }
+    }
+
+    async fn lease_upkeep(&self) {
+        let (release, renew) = self.leases.upkeep(Instant::now());
+        for dir in renew {
+            self.write_lease(dir, true).await;
+        }
+        for dir in release {
+            self.write_lease(dir, false).await;
+        }
+    }
+
+    async fn publish_old_open(&self) {
+        // Files still open long after their create: out as created, one batch per
+        // directory (closed ones are the publisher's).
+        let now = Instant::now();
+        let old: Vec<(u64, Vec<u64>)> = {
+            let p = self.pending.lock();
+            p.by_dir
+                .iter()
+                .map(|(dir, m)| {
+                    let inos = m.values().filter(|(ino, t)| now.duration_since(*t) >= PENDING_MAX_AGE && !p.closed.contains(ino) && !p.retry.contains(ino)).map(|(ino, _)| *ino).collect::<Vec<u64>>();
+                    (*dir, inos)
+                })
+                .filter(|(_, v)| !v.is_empty())
+                .collect()
+        };
+        for (dir, inos) in old {
+            if let Err(e) = self.publish_dir_batch(dir, &inos).await {
+                log::warn!("directory {dir}: could not publish {} open files created under its lease: {e}", inos.len());
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

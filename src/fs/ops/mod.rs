@@ -26,8 +26,9 @@ pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// CAS retries under contention before giving up with EIO.
 const MAX_SWAPS: usize = 64;
 /// Closed files created under a lease that may wait for the background publisher; past
-/// that, a close publishes its file itself (memory stays bounded if the ring is slow).
-const MAX_CLOSED_UNPUBLISHED: usize = 4096;
+/// that, a close waits for it to catch up (what a crash can lose stays small, memory
+/// bounded, and a listing never waits on thousands).
+const MAX_CLOSED_UNPUBLISHED: usize = 512;
 /// Inodes prefetched after an opendir, and how many loads run at once.
 const PREFETCH_MAX: usize = 4096;
 const PREFETCH_PARALLEL: usize = 16;
@@ -66,6 +67,8 @@ pub struct Fs {
     leases: Leases,
     pending: Mutex<Pending>,
     closed_ready: tokio::sync::Notify,
+    /// Woken whenever a file created under a lease has been published.
+    published: tokio::sync::Notify,
     /// Directories whose lease another mount asked for (the keeper lets go).
     release_asked: Mutex<std::collections::HashSet<u64>>,
 }
@@ -77,6 +80,8 @@ struct Pending {
     inos: HashMap<u64, (u64, Vec<u8>)>,
     /// Of those, the ones closed: to be published in the background.
     closed: std::collections::HashSet<u64>,
+    /// Every closed one not yet published (in a batch or not): the backlog.
+    unpublished: std::collections::HashSet<u64>,
     /// Ones the ring refused, tried again from `retry_at`.
     retry: std::collections::HashSet<u64>,
     retry_at: Option<Instant>,
@@ -98,6 +103,7 @@ impl Fs {
             leases: Leases::new(rand::thread_rng().gen_range(1..u64::MAX)),
             pending: Mutex::new(Pending::default()),
             closed_ready: tokio::sync::Notify::new(),
+            published: tokio::sync::Notify::new(),
             release_asked: Mutex::new(std::collections::HashSet::new()),
         }
     }
@@ -529,9 +535,10 @@ impl Fs {
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
-        if st.create.is_some() && self.pending.lock().closed.len() < MAX_CLOSED_UNPUBLISHED {
+        if st.create.is_some() {
             // Created under a lease: written in the background once closed (see `leased`);
             // here only the chunks go out, so a close still reports a failed write.
+            self.wait_for_backlog().await;
             st.settle(&self.data).await?;
             st.flushed = true;
             return Ok(());
@@ -630,7 +637,11 @@ impl Fs {
         st.handles = st.handles.saturating_sub(1);
         if st.handles == 0 && st.create.is_some() {
             // Created under a lease: published in the background, batched per directory.
-            self.pending.lock().closed.insert(f.ino);
+            {
+                let mut p = self.pending.lock();
+                p.closed.insert(f.ino);
+                p.unpublished.insert(f.ino);
+            }
             self.closed_ready.notify_one();
             return Ok(());
         }
