@@ -631,7 +631,13 @@ impl Fs {
     }
 
     async fn lease_upkeep(&self) {
-        let (release, renew) = self.leases.upkeep(Instant::now());
+        let now = Instant::now();
+        let (release, mut renew) = self.leases.upkeep(now);
+        // A directory with files still to publish is busy even if no create came for a
+        // while (a close may be waiting for the publisher): keep its lease.
+        let busy: std::collections::HashSet<u64> = self.pending.lock().by_dir.keys().copied().collect();
+        let (keep, release): (Vec<u64>, Vec<u64>) = release.into_iter().partition(|d| busy.contains(d) && self.leases.trusts(*d, now));
+        renew.extend(keep);
         for dir in renew {
             self.write_lease(dir, true).await;
         }
