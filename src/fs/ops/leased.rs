@@ -578,13 +578,7 @@ impl Fs {
                         self.remember(dir, version, cur.clone());
                     }
                     Swap::Conflict(rec) => {
-                        if !rec.exists() {
-                            self.forget(dir);
-                            return Err(FsError::NotFound);
-                        }
-                        version = rec.version;
-                        cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {dir}: {e}")))?);
-                        self.remember(dir, version, cur.clone());
+                        (version, cur) = self.adopt(dir, rec)?;
                         continue;
                     }
                 }

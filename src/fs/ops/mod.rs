@@ -207,18 +207,22 @@ impl Fs {
                     self.remember(ino, v, new.clone());
                     return Ok(new);
                 }
-                Swap::Conflict(rec) => {
-                    if !rec.exists() {
-                        self.forget(ino);
-                        return Err(FsError::NotFound);
-                    }
-                    version = rec.version;
-                    cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
-                    self.remember(ino, version, cur.clone());
-                }
+                Swap::Conflict(rec) => (version, cur) = self.adopt(ino, rec)?,
             }
         }
         Err(FsError::Io(format!("inode {ino}: gave up after {MAX_SWAPS} conflicting updates")))
+    }
+
+    /// The record a CAS conflict answered with, taken as this mount's copy (NotFound if
+    /// it is deleted).
+    fn adopt(&self, ino: u64, rec: crate::meta::Record) -> FsResult<(u64, Arc<Inode>)> {
+        if !rec.exists() {
+            self.forget(ino);
+            return Err(FsError::NotFound);
+        }
+        let cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
+        self.remember(ino, rec.version, cur.clone());
+        Ok((rec.version, cur))
     }
 
     /// Deletes the inode's record and reclaims its chunks.
@@ -249,15 +253,11 @@ impl Fs {
                     self.reclaimer.reclaim(cur.chunks.iter().filter_map(chunk::stripe_id).collect());
                     return Ok(true);
                 }
-                Swap::Conflict(rec) => {
-                    if !rec.exists() {
-                        self.forget(ino);
-                        return Ok(true);
-                    }
-                    version = rec.version;
-                    cur = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
-                    self.remember(ino, version, cur.clone());
-                }
+                Swap::Conflict(rec) => match self.adopt(ino, rec) {
+                    Ok(x) => (version, cur) = x,
+                    Err(FsError::NotFound) => return Ok(true),
+                    Err(e) => return Err(e),
+                },
             }
         }
         Ok(false)
