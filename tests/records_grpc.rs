@@ -184,3 +184,48 @@ async fn records_are_re_replicated_after_a_loss() {
         p.stop_abruptly().await;
     }
 }
+
+/// Two primaries writing at once, each naming the other as replica, on keys that share
+/// a lock slot: every write reaches both copies. A replica's put once waited for the
+/// lock its own primary held across its call to the first peer, so the two waited on
+/// each other until the call timed out and the writes came back partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primaries_replicating_to_each_other_do_not_wait_on_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peers = start_ring(tmp.path(), 2, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    wait_converged(&refs, Duration::from_secs(20)).await;
+    let net = Arc::new(GrpcNet::for_client().with_tls(test_tls()));
+    // Keys that all land on one lock slot of a peer (the store hashes the last byte).
+    let keys: Vec<Id> = (0u32..).map(|i| Id::sha1(format!("slot-{i}").as_bytes())).filter(|k| k.to_bytes()[19] % 64 == 7).take(64).collect();
+    let (a, b) = (peers[0].addr.clone(), peers[1].addr.clone());
+    let mut tasks = Vec::new();
+    for (i, k) in keys.into_iter().enumerate() {
+        let (net, a, b) = (net.clone(), a.clone(), b.clone());
+        let (primary, replica) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        tasks.push(tokio::spawn(async move {
+            let mut partial = 0;
+            for v in 0..8u64 {
+                // `insist`: each peer acts as primary whatever the ring says.
+                match net.cas_record(&primary, k, v, false, vec![i as u8; 4096], &[replica.clone()], false, true).await {
+                    Ok(mutualstore::meta::CasOutcome::Done(n)) => assert_eq!(n, v + 1),
+                    // Partial: the replica did not answer; Err: neither did the primary.
+                    Ok(mutualstore::meta::CasOutcome::Partial { .. }) | Err(_) => {
+                        partial += 1;
+                        break;
+                    }
+                    Ok(other) => panic!("key {i}: unexpected {other:?}"),
+                }
+            }
+            partial
+        }));
+    }
+    let mut partial = 0;
+    for t in tasks {
+        partial += t.await.unwrap();
+    }
+    assert_eq!(partial, 0, "{partial} of 64 writers found a live peer not answering");
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
