@@ -46,6 +46,14 @@ fn files_read_write_truncate_and_open_flags() {
     OpenOptions::new().append(true).open(m.path("a")).unwrap().write_all(b"123").unwrap();
     assert_eq!(fs::read(m.path("a")).unwrap(), b"xy123");
     assert_eq!(errno(fs::read(m.path("missing"))), libc::ENOENT);
+    // A terminal probe (what Python and shells send on open) is told "not a terminal".
+    {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(m.path("a")).unwrap();
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) };
+        assert_eq!(errno(if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }), libc::ENOTTY);
+    }
 
     // Writes at any offset, across chunk boundaries (2 MiB for 2+1), with holes,
     // checked against a model in memory, while open and after close.

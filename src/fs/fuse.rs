@@ -341,6 +341,14 @@ impl fuser::Filesystem for FuseFs {
         reply.ok();
     }
 
+    /// No ioctls: a regular file is no terminal (ENOTTY, which is what programs probing
+    /// with TCGETS expect). fuser's default logs a warning for each one: one per file
+    /// that Python or a shell opens.
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: fuser::IoctlFlags, _cmd: u32, _in_data: &[u8], _out_size: u32, reply: fuser::ReplyIoctl) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.rt.block_on(self.fs.space());
         let bsize: u64 = 4096;
