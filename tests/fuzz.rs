@@ -71,7 +71,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
     let id = vec![3u8; 20];
     let meta = mutualstore::erasure::stripe::make_stripe(mutualstore::erasure::Code::new(2, 1).unwrap(), b"fuzz").unwrap().1[0].clone();
     vec![
-        pb::HelloRequest { protocol_version: 3, addr: "127.0.0.1:1".into() }.encode_to_vec(),
+        pb::HelloRequest { protocol_version: mutualstore::rpc::PROTOCOL_VERSION, addr: "127.0.0.1:1".into() }.encode_to_vec(),
         pb::FindNextRequest { key: id.clone(), avoid: vec!["127.0.0.1:1".into()] }.encode_to_vec(),
         pb::VnodeRequest { vnode_id: id.clone() }.encode_to_vec(),
         pb::NotifyRequest { vnode_id: id.clone(), candidate: Some(contact("127.0.0.1:1")), as_successor: true }.encode_to_vec(),
@@ -154,7 +154,7 @@ fn fuzz_every_request_decoder_and_handler() {
 fn valid_responses() -> Vec<Vec<u8>> {
     let id = vec![5u8; 20];
     vec![
-        pb::HelloResponse { protocol_version: 3, peer_id: id.clone(), code_k: 4, code_m: 2 }.encode_to_vec(),
+        pb::HelloResponse { protocol_version: mutualstore::rpc::PROTOCOL_VERSION, peer_id: id.clone(), code_k: 4, code_m: 2 }.encode_to_vec(),
         pb::FindNextResponse { found: true, owner: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], next: vec![contact("127.0.0.1:4")], arc_from: vec![4u8; 20] }.encode_to_vec(),
         pb::NeighborsResponse { predecessor: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], peer_capacity_bytes: 1 << 30, peer_keyspace_share: 0.5, vnode_exists: true, largest_arc_pred: id.clone(), largest_arc_vnode: vec![6u8; 20] }.encode_to_vec(),
         pb::GetShardResponse { found: true, meta: vec![b'S'; 52], data: vec![1; 64] }.encode_to_vec(),

@@ -22,16 +22,42 @@ pub const SHARD_BYTES: usize = 1 << 20;
 /// code while peers are down (see `StripeClient::write_stripe`), so its shards grow.
 pub const MAX_SHARD_BYTES: usize = 8 << 20;
 const META_TAG: u8 = b'S';
-const META_VERSION: u8 = 1;
+const META_VERSION: u8 = 2;
 pub const META_LEN: usize = 52;
 
-/// Ring key of a stripe with these bytes under this code.
+/// Ring key of a stripe with these bytes under this code: a hash over the code, the
+/// length and the hashes of the k data shards (the stripe split as `codec::encode` splits
+/// it, zero-padded), so a writer hashes each byte once — the shard hashes go into the
+/// shard headers anyway — and still commits to every byte of the stripe.
 pub fn stripe_key(code: Code, data: &[u8]) -> Id {
+    let sl = shard_len(code, data.len());
+    let hashes: Vec<Id> = (0..code.k as usize)
+        .map(|i| {
+            let piece = &data[(i * sl).min(data.len())..((i + 1) * sl).min(data.len())];
+            let mut h = Sha1::new();
+            h.update(piece);
+            let zeros = [0u8; 4096];
+            let mut pad = sl - piece.len();
+            while pad > 0 {
+                let n = pad.min(zeros.len());
+                h.update(&zeros[..n]);
+                pad -= n;
+            }
+            Id::from_slice(&h.finalize()).expect("sha1 is 20 bytes")
+        })
+        .collect();
+    key_of_shards(code, data.len(), &hashes)
+}
+
+/// The stripe key from its data shards' hashes (see `stripe_key`).
+fn key_of_shards(code: Code, len: usize, data_shard_hashes: &[Id]) -> Id {
     let mut h = Sha1::new();
-    h.update(b"MSSTRIPE");
+    h.update(b"MSSTRIPE2");
     h.update([code.k, code.m]);
-    h.update((data.len() as u64).to_be_bytes());
-    h.update(data);
+    h.update((len as u64).to_be_bytes());
+    for x in data_shard_hashes {
+        h.update(x.to_bytes());
+    }
     Id::from_slice(&h.finalize()).expect("sha1 is 20 bytes")
 }
 
@@ -115,12 +141,14 @@ pub struct Shard {
 
 /// Splits and encodes one stripe; returns its key and all k+m shards.
 pub fn make_stripe(code: Code, data: &[u8]) -> Result<(Id, Vec<Shard>), super::codec::CodecError> {
-    let s = stripe_key(code, data);
     let shards = super::codec::encode(code, data)?;
+    let hashes: Vec<Id> = shards.iter().map(|d| Id::sha1(d)).collect();
+    let s = key_of_shards(code, data.len(), &hashes[..code.k as usize]);
     let out = shards
         .into_iter()
+        .zip(hashes)
         .enumerate()
-        .map(|(i, d)| Shard { meta: ShardMeta::new(code, i as u8, s, data.len(), &d), data: d })
+        .map(|(i, (d, shard_hash))| Shard { meta: ShardMeta { code, index: i as u8, stripe_len: data.len() as u32, stripe: s, shard_hash }, data: d })
         .collect();
     Ok((s, out))
 }
@@ -153,6 +181,27 @@ pub fn decode_unchecked<'a>(stripe: Id, code: Code, len: usize, shards: impl Int
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_a_writer_makes_is_the_key_a_reader_checks_and_commits_to_every_byte() {
+        for (k, m) in [(2u8, 1u8), (4, 2), (3, 3)] {
+            let code = Code::new(k, m).unwrap();
+            for len in [1usize, 63, 64, 65, 4095, 4097, 3 * 64 * 1000 + 7] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+                let (s, shards) = make_stripe(code, &data).unwrap();
+                assert_eq!(s, stripe_key(code, &data), "{code} len {len}");
+                assert!(shards.iter().all(|x| x.meta.verifies(&x.data)));
+                let mut other = data.clone();
+                other[len - 1] ^= 1;
+                assert_ne!(s, stripe_key(code, &other), "{code} len {len}: last byte not covered");
+                // Padding is not data: a stripe one zero byte longer is another stripe.
+                let mut longer = data.clone();
+                longer.push(0);
+                assert_ne!(s, stripe_key(code, &longer));
+                assert_eq!(assemble(s, code, len, shards.iter().skip(m as usize)).unwrap(), data);
+            }
+        }
+    }
 
     #[test]
     fn meta_roundtrips_and_rejects_nonsense() {
