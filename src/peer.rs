@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Time between maintenance rounds while the last one changed this peer's links.
+const SETTLING_INTERVAL: Duration = Duration::from_millis(150);
+
 #[derive(Clone, Debug)]
 pub struct PeerConfig {
     pub listen: String,
@@ -256,11 +259,17 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         let every = cfg.maintenance_interval;
         let fingers = cfg.fingers_per_round;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut wait = Duration::ZERO;
             loop {
-                tick.tick().await;
+                tokio::time::sleep(wait).await;
+                let before = state.node.lock().links_digest();
                 driver::maintain(&state.node, &*net, fingers, state.now_ms()).await;
+                // While the ring around us is still changing (peers just joined or
+                // left), go round again soon: a fresh ring otherwise takes several
+                // seconds of rounds to link every joiner's vnodes in, and until then
+                // placement sees fewer peers than a stripe needs and waits.
+                let settling = state.node.lock().links_digest() != before;
+                wait = if settling { every.min(SETTLING_INTERVAL) } else { every };
                 // Group commit of lazily written metadata records.
                 if let Err(e) = state.records.sync().await {
                     log::error!("syncing the disk image: {e}");

@@ -215,6 +215,22 @@ impl<A: Addr> Node<A> {
         self.vnodes.iter().map(|v| v.id).collect()
     }
 
+    /// A digest of every vnode's predecessor and successor list: it changes when a
+    /// maintenance round changed the ring as this peer sees it (a join or a loss nearby
+    /// still settling).
+    pub fn links_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for v in &self.vnodes {
+            v.id.hash(&mut h);
+            v.pred.as_ref().map(|p| p.id).hash(&mut h);
+            for c in &v.succ {
+                c.id.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+
     /// Fraction of the keyspace this peer owns, by its vnodes' arcs.
     pub fn keyspace_share(&self) -> f64 {
         self.vnodes.iter().map(|v| v.arc_fraction()).sum::<f64>().min(1.0)
