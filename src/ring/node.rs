@@ -542,4 +542,22 @@ mod tests {
         assert_eq!(n.largest_arc(), Some((Id::from_fraction(0.2), Id::from_fraction(0.3))));
         assert_eq!(n.neighbors(ids[0]).largest_arc, n.largest_arc());
     }
+
+    #[test]
+    fn links_digest_changes_with_a_link_and_only_then() {
+        let ids = [Id::from_fraction(0.2), Id::from_fraction(0.6)];
+        let mut n: Node<u32> = Node::new(1, Id::from_fraction(0.0), 1 << 30, &ids, RingConfig::default());
+        let c = |f: f64| Contact { id: Id::from_fraction(f), addr: 2u32 };
+        n.vnodes[0].succ = vec![c(0.3), c(0.4)];
+        let d = n.links_digest();
+        // Fingers and timestamps are not links: a settled ring keeps its digest.
+        n.vnodes[0].fingers = vec![c(0.5)];
+        n.vnodes[0].pred_seen_ms = 99;
+        assert_eq!(n.links_digest(), d);
+        n.vnodes[1].pred = Some(c(0.5));
+        let d2 = n.links_digest();
+        assert_ne!(d2, d, "a new predecessor");
+        n.vnodes[0].succ = vec![c(0.3), c(0.35), c(0.4)];
+        assert_ne!(n.links_digest(), d2, "a joiner in a successor list");
+    }
 }
