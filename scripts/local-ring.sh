@@ -29,7 +29,15 @@ KEY=$DIR/fs.key
 
 die() { echo "local-ring: $*" >&2; exit 1; }
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Whether something listens on 127.0.0.1:PORT. Asks the kernel (ss) rather than
+# connecting: a connection that never does TLS makes a peer log a refused handshake.
+port_busy() {
+  if command -v ss >/dev/null; then
+    ss -Hltn "sport = :$1" 2>/dev/null | grep -q .
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
 
 up() {
   local n=${1:-6}
