@@ -64,7 +64,8 @@ impl RecordStore {
             me,
             locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             write_locks: Arc::new((0..LOCKS).map(|_| Mutex::new(())).collect()),
-            authority: Mutex::new(HashMap::new()) }
+            authority: Mutex::new(HashMap::new()),
+        }
     }
 
     fn vouch(&self, key: Id, version: u64) {
