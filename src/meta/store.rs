@@ -118,6 +118,12 @@ impl RecordStore {
     /// Stores `rec` unless this peer already holds that version or a newer one; returns
     /// the version held afterwards.
     pub async fn put(&self, key: Id, rec: Record, durable: bool) -> Result<u64, RecordError> {
+        Ok(self.put_new(key, rec, durable).await?.0)
+    }
+
+    /// `put`, also saying whether this call wrote `rec` (false: the copy here already
+    /// had its version or a newer one).
+    async fn put_new(&self, key: Id, rec: Record, durable: bool) -> Result<(u64, bool), RecordError> {
         let locks = self.write_locks.clone();
         let put = move |s: &DiskImage| {
             let _g = locks[lock_index(key)].lock();
@@ -126,7 +132,7 @@ impl RecordStore {
                 if durable {
                     s.sync_now()?;
                 }
-                return Ok(have.version);
+                return Ok((have.version, false));
             }
             let data = if rec.deleted { Vec::new() } else { rec.data };
             let meta = encode_meta(rec.version, rec.deleted);
@@ -135,7 +141,7 @@ impl RecordStore {
             } else {
                 s.put_unsynced(&key.to_bytes(), &meta, &data)?;
             }
-            Ok(rec.version)
+            Ok((rec.version, true))
         };
         // A lazy write only copies into the page cache: in place, as `local` reads.
         // A durable one waits for the disk, on the blocking pool.
@@ -195,7 +201,14 @@ impl RecordStore {
             });
         }
         drop(tx);
-        self.put(key, rec.clone(), durable).await?;
+        if !self.put_new(key, rec.clone(), durable).await?.1 {
+            // Another primary's write of this key reached our copy since we read it (a
+            // replica's put does not wait for our CAS lock): ours lost the race, as a
+            // CAS at a stale version. The writer retries on the newer record, and its
+            // write brings any replica that took ours back in line.
+            self.authority.lock().remove(&key);
+            return Ok(CasOutcome::Conflict(self.local(key).await?));
+        }
         // Acknowledged once all but one of the copies are written (all of them when
         // there are only two), so one slow or dead replica costs a write nothing; it
         // catches up by read repair or the next write.
