@@ -385,7 +385,7 @@ impl Fs {
                 done.push((i, whole));
             } else {
                 let (node, rec) = creation_record(st, whole);
-                todo.push((i, whole, node, rec));
+                todo.push((i, whole, node, rec, name));
             }
         }
         // A few dozen at a time: thousands of CASes at once only time out.
@@ -400,12 +400,11 @@ impl Fs {
             .buffered(INODE_WRITES_PARALLEL)
             .collect()
             .await;
-        for ((i, whole, node, _), w) in todo.into_iter().zip(written) {
+        for ((i, whole, node, _, name), w) in todo.into_iter().zip(written) {
             let ino = files[i].ino;
             let st = &mut states[i];
             match self.note_inode_written(ino, st, node, w, whole) {
                 Ok(()) => {
-                    let (_, name) = st.create.clone().expect("checked above");
                     entries.push((name, ino));
                     done.push((i, whole));
                 }
