@@ -81,6 +81,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
         pb::HoldingsRequest { stripes: vec![id.clone(), id.clone()] }.encode_to_vec(),
         pb::DeleteShardRequest { stripe: id.clone(), index: 1 }.encode_to_vec(),
         pb::GetRecordRequest { key: id.clone(), known_version: 2 }.encode_to_vec(),
+        pb::GetRecordsRequest { items: vec![pb::GetRecordRequest { key: id.clone(), known_version: 0 }, pb::GetRecordRequest { key: vec![7; 20], known_version: 3 }] }.encode_to_vec(),
         pb::PutRecordRequest { key: id.clone(), version: 3, deleted: false, data: vec![1, 2, 3], durable: false }.encode_to_vec(),
         pb::CasRecordRequest { key: id.clone(), expected: 0, deleted: false, data: vec![9; 40], replicas: vec!["127.0.0.1:1".into()], durable: false, insist: true }.encode_to_vec(),
         pb::PutBlockRequest { key: id.clone(), meta: vec![1], data: vec![2; 100] }.encode_to_vec(),
@@ -120,6 +121,7 @@ async fn feed(svc: &PeerService, bytes: &[u8]) -> u64 {
     call!(pb::HoldingsRequest, holdings, |_: &mut pb::HoldingsRequest| ());
     call!(pb::DeleteShardRequest, delete_shard, |_: &mut pb::DeleteShardRequest| ());
     call!(pb::GetRecordRequest, get_record, |_: &mut pb::GetRecordRequest| ());
+    call!(pb::GetRecordsRequest, get_records, |_: &mut pb::GetRecordsRequest| ());
     call!(pb::PutRecordRequest, put_record, |_: &mut pb::PutRecordRequest| ());
     call!(pb::CasRecordRequest, cas_record, |m: &mut pb::CasRecordRequest| m.replicas.iter_mut().for_each(tame));
     call!(pb::PutBlockRequest, put_block, |_: &mut pb::PutBlockRequest| ());
@@ -159,6 +161,7 @@ fn valid_responses() -> Vec<Vec<u8>> {
         pb::NeighborsResponse { predecessor: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], peer_capacity_bytes: 1 << 30, peer_keyspace_share: 0.5, vnode_exists: true, largest_arc_pred: id.clone(), largest_arc_vnode: vec![6u8; 20] }.encode_to_vec(),
         pb::GetShardResponse { found: true, meta: vec![b'S'; 52], data: vec![1; 64] }.encode_to_vec(),
         pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }.encode_to_vec(),
+        pb::GetRecordsResponse { items: vec![pb::GetRecordsItem { skipped: false, record: Some(pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }) }, pb::GetRecordsItem { skipped: true, record: None }] }.encode_to_vec(),
         pb::CasRecordResponse { ok: false, version: 4, found: true, deleted: false, data: vec![2; 30], failed_replicas: vec!["127.0.0.1:5".into()] }.encode_to_vec(),
     ]
 }
@@ -188,6 +191,7 @@ fn fuzz_every_response_decoder_a_client_trusts() {
                 }
             }
             let _ = pb::GetRecordResponse::decode(&bytes[..]);
+            let _ = pb::GetRecordsResponse::decode(&bytes[..]);
             let _ = pb::CasRecordResponse::decode(&bytes[..]);
             let _ = pb::PeerInfoResponse::decode(&bytes[..]);
             n.set(n.get() + 1);

@@ -105,6 +105,50 @@ async fn writes_and_reads_go_on_with_a_replica_dead() {
     }
 }
 
+/// A batched read answers every record as reading it alone would: the newest version,
+/// "nothing newer" for a version the reader has, absent for a never-written key; and
+/// with a replica peer dead it still answers each (the short batches fall back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_reads_match_single_reads_even_with_a_peer_dead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut peers = start_ring(tmp.path(), 5, GIB).await;
+    let refs: Vec<_> = peers.iter().collect();
+    wait_converged(&refs, Duration::from_secs(20)).await;
+    let c = client(&peers[0].addr).await;
+    let keys: Vec<Id> = (0..60).map(|i| Id::sha1(format!("batched {i}").as_bytes())).collect();
+    // Key i is written i % 3 times (0: never).
+    for (i, k) in keys.iter().enumerate() {
+        for v in 0..(i % 3) as u64 {
+            assert_eq!(c.cas(*k, v, Some(format!("{i}@{}", v + 1).into_bytes())).await.unwrap(), Swap::Done(v + 1));
+        }
+    }
+    let check = |got: Vec<Result<Option<mutualstore::meta::Record>, _>>, asked: &[(Id, u64)]| {
+        assert_eq!(got.len(), asked.len());
+        for (i, (r, (_, known))) in got.into_iter().zip(asked).enumerate() {
+            let r = r.unwrap_or_else(|e| panic!("record {i}: {e}"));
+            let newest = (i % 3) as u64;
+            if newest == 0 || *known == newest {
+                assert!(r.is_none(), "record {i} (known {known}): got {r:?}");
+            } else {
+                let r = r.unwrap_or_else(|| panic!("record {i}: version {newest} not returned"));
+                assert_eq!((r.version, r.data), (newest, format!("{i}@{newest}").into_bytes()), "record {i}");
+            }
+        }
+    };
+    // Knowing nothing, then knowing the newest of every other one.
+    let fresh: Vec<(Id, u64)> = keys.iter().map(|k| (*k, 0)).collect();
+    check(c.get_newer_many(&fresh).await, &fresh);
+    let half: Vec<(Id, u64)> = keys.iter().enumerate().map(|(i, k)| (*k, if i % 2 == 0 { (i % 3) as u64 } else { 0 })).collect();
+    check(c.get_newer_many(&half).await, &half);
+    // A peer that is every third key's primary or second replica dies: answers stay whole.
+    peers.remove(2).stop_abruptly().await;
+    let got = tokio::time::timeout(Duration::from_secs(60), c.get_newer_many(&fresh)).await.expect("a batched read hangs with a peer dead");
+    check(got, &fresh);
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}
+
 /// One primary per key: once the ring has converged, a client's walk and every peer's own
 /// routing name the same owner for every key, the oracle's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

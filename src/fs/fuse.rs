@@ -216,9 +216,15 @@ impl fuser::Filesystem for FuseFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.run(self.fs.open(ino.0)) {
             Ok((fh, keep)) => {
+                let mut fopen = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                    // Nothing is written through this handle, so its close has nothing to
+                    // publish: spare the kernel the FLUSH round trip (one per small file read).
+                    fopen |= FopenFlags::FOPEN_NOFLUSH;
+                }
                 if !keep {
                     // Another mount changed the file: the size the kernel holds may be
                     // stale, so make it ask again.
@@ -226,7 +232,7 @@ impl fuser::Filesystem for FuseFs {
                         let _ = n.inval_inode(ino, 0, 0);
                     }
                 }
-                reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() })
+                reply.opened(FileHandle(fh), fopen)
             }
             Err(e) => {
                 self.log_err("open", &e);
@@ -413,3 +419,4 @@ fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
         reply.data(v);
     }
 }
+

@@ -8,6 +8,7 @@ use crate::rpc::NetAddr;
 use futures_util::future::join_all;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use crate::crypto::seal::{pad, unpad, FileKey, Purpose};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ const INSIST_AFTER: usize = 4;
 /// A read asks just enough replicas, and the rest when one fails or none has
 /// answered within this long.
 const READ_HEDGE: Duration = Duration::from_millis(30);
+/// Records of a batched read that are read one by one (their batch fell short) at once.
+const FALLBACK_PARALLEL: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -36,6 +39,75 @@ pub enum Swap {
     Done(u64),
     /// Someone else wrote first; the current record.
     Conflict(Record),
+}
+
+/// Answers a read waits for from a replica set of `copies`: writes are acknowledged
+/// with all copies but one, so any two replicas include one with the newest version
+/// (one if the set has only two copies, which writes both).
+fn read_quorum(copies: usize) -> usize {
+    if copies >= 3 {
+        2
+    } else {
+        1
+    }
+}
+
+/// One record read's answers so far: the newest copy that passed authentication, and
+/// which replica holds which version (for read repair).
+struct Gathered {
+    known: u64,
+    /// The newest copy as stored (for repairs) and as written (for the caller).
+    best: Option<(Record, Record)>,
+    answered: usize,
+    versions: Vec<(NetAddr, u64)>,
+    why: String,
+}
+
+impl Gathered {
+    fn new(known: u64) -> Gathered {
+        Gathered { known, best: None, answered: 0, versions: Vec::new(), why: String::new() }
+    }
+
+    /// Takes replica `a`'s answer; true if it counts as one.
+    fn take(&mut self, client: &RecordClient, key: Id, a: NetAddr, r: Result<Fetched, NetError>) -> bool {
+        match r {
+            Ok(Fetched::Got(rec)) if rec.version > self.known && self.best.as_ref().is_none_or(|b| rec.version > b.0.version) => match client.open(key, rec.clone()) {
+                Ok(plain) => {
+                    self.versions.push((a, rec.version));
+                    self.best = Some((rec, plain));
+                }
+                Err(e) => {
+                    // A replica that cannot show a valid copy is no answer.
+                    log::warn!("record {}: {a} served version {} that fails authentication: {e}", key.to_hex(), rec.version);
+                    self.why = format!("{a}: {e}");
+                    return false;
+                }
+            },
+            Ok(f) => self.versions.push((a, f.version())),
+            Err(e) => {
+                self.why = e.to_string();
+                return false;
+            }
+        }
+        self.answered += 1;
+        true
+    }
+
+    /// The newest copy, if newer than `known`; replicas found behind it are brought up
+    /// to date in the background (read repair), not at the next write.
+    fn finish(self, client: &RecordClient, key: Id) -> Option<Record> {
+        if let Some((rec, _)) = &self.best {
+            let net = &client.stripes.net;
+            for (a, v) in self.versions.iter().filter(|(_, v)| *v < rec.version) {
+                let (net, a, rec) = (net.clone(), a.clone(), rec.clone());
+                log::debug!("record {}: repairing {a} from version {v}", key.to_hex());
+                tokio::spawn(async move {
+                    let _ = net.put_record(&a, key, &rec, false).await;
+                });
+            }
+        }
+        self.best.map(|b| b.1)
+    }
 }
 
 #[derive(Clone)]
@@ -129,10 +201,7 @@ impl RecordClient {
                 }
             };
             let net = &self.stripes.net;
-            // Writes are acknowledged with all copies but one, so any two replicas include
-            // one with the newest version: stop waiting once two have answered (one if the
-            // set has only two copies, which writes both).
-            let need = if set.len() >= 3 { 2 } else { 1 };
+            let need = read_quorum(set.len());
             // The first `need` replicas are asked at once (the primary first: it has
             // every acknowledged write), the others only when one of those fails or is
             // slow: asking all of them cost every read a third more calls on the peers.
@@ -148,10 +217,7 @@ impl RecordClient {
             let hedge = tokio::time::sleep(READ_HEDGE);
             tokio::pin!(hedge);
             let mut hedged = false;
-            // The newest copy as stored (for repairs) and as written (for the caller).
-            let mut best: Option<(Record, Record)> = None;
-            let mut answered = 0;
-            let mut versions = Vec::new();
+            let mut g = Gathered::new(known);
             loop {
                 let (a, r) = tokio::select! {
                     next = pending.next() => match next {
@@ -164,54 +230,72 @@ impl RecordClient {
                         continue;
                     }
                 };
-                let before = answered;
-                match r {
-                    Ok(Fetched::Got(rec)) if rec.version > known && best.as_ref().is_none_or(|b| rec.version > b.0.version) => {
-                        match self.open(key, rec.clone()) {
-                            Ok(plain) => {
-                                answered += 1;
-                                versions.push((a, rec.version));
-                                best = Some((rec, plain));
-                            }
-                            Err(e) => {
-                                // A replica that cannot show a valid copy is no answer.
-                                log::warn!("record {}: {a} served version {} that fails authentication: {e}", key.to_hex(), rec.version);
-                                why = format!("{a}: {e}");
-                            }
-                        }
-                    }
-                    Ok(f) => {
-                        answered += 1;
-                        versions.push((a, f.version()));
-                    }
-                    Err(e) => why = e.to_string(),
-                }
-                if answered >= need {
+                let counted = g.take(self, key, a, r);
+                if g.answered >= need {
                     break;
                 }
-                if answered == before {
+                if !counted {
                     // No answer from that one: ask another now.
                     pending.extend(unasked.by_ref().take(1).map(ask));
                 }
             }
-            if answered == 0 {
+            if g.answered == 0 {
+                why = g.why;
                 continue;
             }
-            let newest = best.as_ref().map(|b| b.0.version).unwrap_or(known);
-            // Read repair: a replica that was away catches up now rather than at the
-            // next write.
-            if let Some((rec, _)) = &best {
-                for (a, v) in versions.iter().filter(|(_, v)| *v < newest) {
-                    let (net, a, rec) = (net.clone(), a.clone(), rec.clone());
-                    log::debug!("record {}: repairing {a} from version {v}", key.to_hex());
-                    tokio::spawn(async move {
-                        let _ = net.put_record(&a, key, &rec, false).await;
-                    });
-                }
-            }
-            return Ok(best.map(|b| b.1));
+            return Ok(g.finish(self, key));
         }
         Err(MetaError::Unavailable { key: key.to_hex(), why })
+    }
+
+    /// `get_newer` for many records at once, as one call per replica peer rather than
+    /// one per record and replica: what a listing's prefetch costs the ring. A record
+    /// whose batched answers fall short (a peer failed or left it out) is read alone.
+    pub async fn get_newer_many(&self, keys: &[(Id, u64)]) -> Vec<Result<Option<Record>, MetaError>> {
+        let sets = join_all(keys.iter().map(|(k, _)| self.replica_set(*k))).await;
+        let mut need = vec![0; keys.len()];
+        let mut by_peer: HashMap<NetAddr, Vec<usize>> = HashMap::new();
+        for (i, set) in sets.iter().enumerate() {
+            if let Ok(set) = set {
+                need[i] = read_quorum(set.len());
+                for a in set.iter().take(need[i]) {
+                    by_peer.entry(a.clone()).or_default().push(i);
+                }
+            }
+        }
+        let net = &self.stripes.net;
+        let answers = join_all(by_peer.into_iter().map(|(a, idx)| async move {
+            let asked: Vec<(Id, u64)> = idx.iter().map(|&i| keys[i]).collect();
+            let r = net.get_records(&a, &asked).await;
+            (a, idx, r)
+        }))
+        .await;
+        let mut gathered: Vec<Gathered> = keys.iter().map(|(_, known)| Gathered::new(*known)).collect();
+        for (a, idx, r) in answers {
+            match r {
+                Ok(list) => {
+                    for (i, f) in idx.into_iter().zip(list) {
+                        if let Some(f) = f {
+                            gathered[i].take(self, keys[i].0, a.clone(), Ok(f));
+                        }
+                    }
+                }
+                Err(e) => log::debug!("batched record read at {a} failed: {e}"),
+            }
+        }
+        let need = &need;
+        futures_util::stream::iter(gathered.into_iter().enumerate())
+            .map(|(i, g)| async move {
+                let (key, known) = keys[i];
+                if need[i] > 0 && g.answered >= need[i] {
+                    Ok(g.finish(self, key))
+                } else {
+                    self.get_newer(key, known).await
+                }
+            })
+            .buffered(FALLBACK_PARALLEL)
+            .collect()
+            .await
     }
 
     /// Writes `rec` durably on every replica that holds it or an older version.

@@ -6,7 +6,7 @@ use super::convert::*;
 use super::pb;
 use super::pb::peer_client::PeerClient;
 use super::{NetAddr, BLOCK_CALL_TIMEOUT, CONNECT_TIMEOUT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RING_CALL_TIMEOUT};
-use super::{MAX_HOLDINGS_STRIPES, RECORD_CAS_TIMEOUT};
+use super::{MAX_HOLDINGS_STRIPES, MAX_RECORDS_PER_CALL, RECORD_CAS_TIMEOUT};
 use crate::erasure::stripe::{Shard, ShardMeta};
 use crate::erasure::Code;
 use crate::meta::{CasOutcome, Fetched, Record};
@@ -287,19 +287,35 @@ impl GrpcNet {
             let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
             let req = Self::request(pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: known }, RING_CALL_TIMEOUT);
             let r = with_deadline(RING_CALL_TIMEOUT, c.get_record(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
-            if r.unchanged {
-                if r.version != known || known == 0 {
-                    return Err(NetError::Protocol(format!("{addr} said unchanged for version {} when asked about {known}", r.version)));
+            fetched_from(addr, known, r)
+        }
+        .await;
+        self.observe(addr, &r);
+        r
+    }
+
+    /// A replica's copies of many records in one call, in the order asked; None for
+    /// one the peer left out to keep its answer small (ask for it alone).
+    pub async fn get_records(&self, addr: &NetAddr, keys: &[(Id, u64)]) -> Result<Vec<Option<Fetched>>, NetError> {
+        let r = async {
+            let mut out = Vec::with_capacity(keys.len());
+            for chunk in keys.chunks(MAX_RECORDS_PER_CALL) {
+                let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
+                let items = chunk.iter().map(|(k, known)| pb::GetRecordRequest { key: k.to_bytes().to_vec(), known_version: *known }).collect();
+                let req = Self::request(pb::GetRecordsRequest { items }, RING_CALL_TIMEOUT);
+                let r = with_deadline(RING_CALL_TIMEOUT, c.get_records(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+                if r.items.len() != chunk.len() {
+                    return Err(NetError::Protocol(format!("{addr} answered {} records for {} asked", r.items.len(), chunk.len())));
                 }
-                return Ok(Fetched::Unchanged(known));
+                for (item, (_, known)) in r.items.into_iter().zip(chunk) {
+                    out.push(match (item.skipped, item.record) {
+                        (true, _) => None,
+                        (false, Some(rec)) => Some(fetched_from(addr, *known, rec)?),
+                        (false, None) => return Err(NetError::Protocol(format!("{addr} answered an item with neither a record nor a skip"))),
+                    });
+                }
             }
-            if !r.found {
-                return Ok(Fetched::Got(Record::default()));
-            }
-            if r.version == 0 {
-                return Err(NetError::Protocol(format!("{addr} sent a record with version 0")));
-            }
-            Ok(Fetched::Got(Record { version: r.version, deleted: r.deleted, data: r.data }))
+            Ok(out)
         }
         .await;
         self.observe(addr, &r);
@@ -437,4 +453,21 @@ impl Transport<NetAddr> for GrpcNet {
     fn suspects(&self) -> Vec<NetAddr> {
         self.suspected()
     }
+}
+
+/// Checks one record answer against what was asked (`known`: the version the asker has).
+fn fetched_from(addr: &NetAddr, known: u64, r: pb::GetRecordResponse) -> Result<Fetched, NetError> {
+    if r.unchanged {
+        if r.version != known || known == 0 {
+            return Err(NetError::Protocol(format!("{addr} said unchanged for version {} when asked about {known}", r.version)));
+        }
+        return Ok(Fetched::Unchanged(known));
+    }
+    if !r.found {
+        return Ok(Fetched::Got(Record::default()));
+    }
+    if r.version == 0 {
+        return Err(NetError::Protocol(format!("{addr} sent a record with version 0")));
+    }
+    Ok(Fetched::Got(Record { version: r.version, deleted: r.deleted, data: r.data }))
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
 /// that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest gRPC message either side accepts: one block plus headers.
 pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
 /// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).
@@ -32,6 +32,11 @@ pub const MAX_RECORD_REPLICAS: usize = 16;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most stripes one Holdings request may ask about.
 pub const MAX_HOLDINGS_STRIPES: usize = 4096;
+/// Most records one GetRecords request may ask for.
+pub const MAX_RECORDS_PER_CALL: usize = 1024;
+/// A GetRecords answer stops carrying record data past this many bytes (the rest are
+/// `skipped`), well inside MAX_MESSAGE_BYTES whatever the records' sizes.
+pub const MAX_RECORDS_ANSWER_BYTES: usize = 8 << 20;
 /// Longest "host:port" we accept in a message.
 pub const MAX_ADDR_LEN: usize = 256;
 /// Largest capacity a peer may declare (1 PiB): a claim beyond it is refused, so one

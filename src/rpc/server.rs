@@ -6,7 +6,7 @@ use super::fault::Fault;
 use super::pb;
 use super::pb::peer_server::{Peer, PeerServer};
 use super::{NetAddr, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
-use super::{MAX_HOLDINGS_STRIPES, MAX_RECORD_REPLICAS};
+use super::{MAX_HOLDINGS_STRIPES, MAX_RECORDS_ANSWER_BYTES, MAX_RECORDS_PER_CALL, MAX_RECORD_REPLICAS};
 use crate::blockstore::{DiskImage, StoreError, MAX_DATA_BYTES, MAX_META_BYTES};
 use crate::erasure::stripe::{shard_block_key, shard_key_range, ShardMeta};
 use crate::erasure::upkeep::{DrainReport, UpkeepReport};
@@ -42,6 +42,13 @@ pub struct PeerState {
 impl PeerState {
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+}
+
+fn record_response(f: Fetched) -> pb::GetRecordResponse {
+    match f {
+        Fetched::Unchanged(v) => pb::GetRecordResponse { found: true, version: v, unchanged: true, ..Default::default() },
+        Fetched::Got(rec) => pb::GetRecordResponse { found: rec.version > 0, version: rec.version, deleted: rec.deleted, data: rec.data, unchanged: false },
     }
 }
 
@@ -346,10 +353,28 @@ impl Peer for PeerService {
         let r = req.into_inner();
         let key = id_from(&r.key, "key")?;
         let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
-        Ok(Response::new(match f {
-            Fetched::Unchanged(v) => pb::GetRecordResponse { found: true, version: v, unchanged: true, ..Default::default() },
-            Fetched::Got(rec) => pb::GetRecordResponse { found: rec.version > 0, version: rec.version, deleted: rec.deleted, data: rec.data, unchanged: false },
-        }))
+        Ok(Response::new(record_response(f)))
+    }
+
+    async fn get_records(&self, req: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {
+        let r = req.into_inner();
+        if r.items.len() > MAX_RECORDS_PER_CALL {
+            return Err(Status::invalid_argument(format!("{} records in one request (max {MAX_RECORDS_PER_CALL})", r.items.len())));
+        }
+        let keys = r.items.iter().map(|i| Ok((id_from(&i.key, "key")?, i.known_version))).collect::<Result<Vec<(Id, u64)>, Status>>()?;
+        let mut items = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for (key, known) in keys {
+            if bytes >= MAX_RECORDS_ANSWER_BYTES {
+                items.push(pb::GetRecordsItem { skipped: true, record: None });
+                continue;
+            }
+            let f = self.state.records.get(key, known).await.map_err(record_status)?;
+            let rec = record_response(f);
+            bytes += rec.data.len() + 64;
+            items.push(pb::GetRecordsItem { skipped: false, record: Some(rec) });
+        }
+        Ok(Response::new(pb::GetRecordsResponse { items }))
     }
 
     async fn put_record(&self, req: Request<pb::PutRecordRequest>) -> Result<Response<pb::PutRecordResponse>, Status> {

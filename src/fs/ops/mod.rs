@@ -10,7 +10,6 @@ use super::inode::{self, check_name, new_inode, DirEntry, Inode, InodeExt, Kind,
 use super::lease::{Leases, LEASE_TTL};
 use crate::meta::client::{RecordClient, Swap};
 use crate::ring::Id;
-use futures_util::StreamExt;
 use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::HashMap;
@@ -29,9 +28,8 @@ const MAX_SWAPS: usize = 64;
 /// that, a close waits for it to catch up (what a crash can lose stays small, memory
 /// bounded, and a listing never waits on thousands).
 const MAX_CLOSED_UNPUBLISHED: usize = 512;
-/// Inodes prefetched after an opendir, and how many loads run at once.
+/// Inodes prefetched after an opendir.
 const PREFETCH_MAX: usize = 4096;
-const PREFETCH_PARALLEL: usize = 16;
 
 #[derive(Clone)]
 struct Cached {
@@ -168,6 +166,32 @@ impl Fs {
                 let i = Arc::new(inode::decode(&rec.data).map_err(|e| FsError::Io(format!("inode {ino}: {e}")))?);
                 self.remember(ino, rec.version, i.clone());
                 Ok((rec.version, i))
+            }
+        }
+    }
+
+    /// `load` for many inodes: the ones not cached or older than `max_age` are read in
+    /// one batched call per peer. Failures are left for the next `load` to report.
+    async fn load_many(&self, inos: &[u64], max_age: Duration) {
+        let todo: Vec<(u64, Option<Cached>)> = {
+            let cache = self.inodes.lock();
+            inos.iter().map(|i| (*i, cache.get(i).cloned())).filter(|(_, c)| c.as_ref().is_none_or(|c| c.at.elapsed() > max_age)).collect()
+        };
+        let keys: Vec<(Id, u64)> = todo.iter().map(|(ino, c)| (self.key(*ino), c.as_ref().map_or(0, |c| c.version))).collect();
+        let got = self.records.get_newer_many(&keys).await;
+        for ((ino, cached), r) in todo.into_iter().zip(got) {
+            match r {
+                Ok(None) => {
+                    if let Some(c) = cached {
+                        self.remember(ino, c.version, c.inode);
+                    }
+                }
+                Ok(Some(rec)) if !rec.exists() => self.forget(ino),
+                Ok(Some(rec)) => match inode::decode(&rec.data) {
+                    Ok(i) => self.remember(ino, rec.version, Arc::new(i)),
+                    Err(e) => log::warn!("inode {ino}: {e}"),
+                },
+                Err(e) => log::debug!("prefetching inode {ino}: {e}"),
             }
         }
     }
@@ -980,15 +1004,8 @@ impl Fs {
     /// cp -r) find them cached.
     pub async fn prefetch_children(&self, fh: u64) {
         let Ok(entries) = self.dir_entries(fh) else { return };
-        let todo: Vec<u64> = {
-            let cache = self.inodes.lock();
-            entries.iter().skip(2).map(|e| e.ino).filter(|i| cache.get(i).is_none_or(|c| c.at.elapsed() > ATTR_TTL / 2)).take(PREFETCH_MAX).collect()
-        };
-        futures_util::stream::iter(todo)
-            .for_each_concurrent(PREFETCH_PARALLEL, |ino| async move {
-                let _ = self.load(ino, ATTR_TTL / 2).await;
-            })
-            .await;
+        let inos: Vec<u64> = entries.iter().skip(2).map(|e| e.ino).take(PREFETCH_MAX).collect();
+        self.load_many(&inos, ATTR_TTL / 2).await;
     }
 
     /// The directory snapshot taken at opendir; readdir offsets index into it.
