@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Lazy writes (records, shards) reach the disk at most this long after they were taken.
+const GROUP_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Time between maintenance rounds while the last one changed this peer's links.
 const SETTLING_INTERVAL: Duration = Duration::from_millis(150);
 
@@ -85,6 +87,9 @@ impl RunningPeer {
         // Graceful shutdown waits for open connections; other peers keep theirs open.
         if tokio::time::timeout(Duration::from_secs(2), &mut self.server).await.is_err() {
             self.server.abort();
+        }
+        if let Err(e) = self.state.records.sync().await {
+            log::error!("syncing the disk image at exit: {e}");
         }
     }
 
@@ -258,23 +263,33 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
         let net = net.clone();
         let every = cfg.maintenance_interval;
         let fingers = cfg.fingers_per_round;
+        let commit_state = state.clone();
         tokio::spawn(async move {
-            let mut wait = Duration::ZERO;
-            loop {
-                tokio::time::sleep(wait).await;
-                let before = state.node.lock().links_digest();
-                driver::maintain(&state.node, &*net, fingers, state.now_ms()).await;
-                // While the ring around us is still changing (peers just joined or
-                // left), go round again soon: a fresh ring otherwise takes several
-                // seconds of rounds to link every joiner's vnodes in, and until then
-                // placement sees fewer peers than a stripe needs and waits.
-                let settling = state.node.lock().links_digest() != before;
-                wait = if settling { every.min(SETTLING_INTERVAL) } else { every };
-                // Group commit of lazily written metadata records.
-                if let Err(e) = state.records.sync().await {
-                    log::error!("syncing the disk image: {e}");
+            let ring = async {
+                let mut wait = Duration::ZERO;
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let before = state.node.lock().links_digest();
+                    driver::maintain(&state.node, &*net, fingers, state.now_ms()).await;
+                    // While the ring around us is still changing (peers just joined or
+                    // left), go round again soon: a fresh ring otherwise takes several
+                    // seconds of rounds to link every joiner's vnodes in, and until then
+                    // placement sees fewer peers than a stripe needs and waits.
+                    let settling = state.node.lock().links_digest() != before;
+                    wait = if settling { every.min(SETTLING_INTERVAL) } else { every };
                 }
-            }
+            };
+            // Group commit of lazy writes (records, and shards of files not yet
+            // fsynced): on its own clock, so a slow ring round never delays it.
+            let commit = async {
+                loop {
+                    tokio::time::sleep(GROUP_COMMIT_EVERY).await;
+                    if let Err(e) = commit_state.records.sync().await {
+                        log::error!("syncing the disk image: {e}");
+                    }
+                }
+            };
+            tokio::join!(ring, commit);
         })
     };
 

@@ -76,7 +76,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
         pb::VnodeRequest { vnode_id: id.clone() }.encode_to_vec(),
         pb::NotifyRequest { vnode_id: id.clone(), candidate: Some(contact("127.0.0.1:1")), as_successor: true }.encode_to_vec(),
         pb::LeaveRequest { vnode_id: id.clone(), leaving: Some(contact("127.0.0.1:1")), new_predecessor: Some(contact("127.0.0.1:1")), new_successors: vec![contact("127.0.0.1:1")] }.encode_to_vec(),
-        pb::PutShardRequest { meta: meta.meta.encode(), data: meta.data.clone() }.encode_to_vec(),
+        pb::PutShardRequest { meta: meta.meta.encode(), data: meta.data.clone(), lazy: true }.encode_to_vec(),
         pb::GetShardRequest { stripe: meta.meta.stripe.to_bytes().to_vec(), skip_mask: 1 }.encode_to_vec(),
         pb::HoldingsRequest { stripes: vec![id.clone(), id.clone()] }.encode_to_vec(),
         pb::DeleteShardRequest { stripe: id.clone(), index: 1 }.encode_to_vec(),

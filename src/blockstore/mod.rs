@@ -309,16 +309,27 @@ impl DiskImage {
     /// Makes every earlier `put_unsynced` durable.
     pub fn sync_now(&self) -> Result<(), StoreError> {
         if self.unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            self.sync()?;
+            if let Err(e) = self.sync() {
+                self.unsynced.store(true, std::sync::atomic::Ordering::Release);
+                return Err(e.into());
+            }
         }
         Ok(())
     }
 
     fn put_with(&self, key: &BlockKey, meta: &[u8], data: &[u8], durable: bool) -> Result<(), StoreError> {
         check_sizes(meta, data)?;
+        let r = self.put_writes(key, meta, data, durable);
         if !durable {
+            // Raised after the writes, not before: a `sync_now` between raising it and
+            // writing would lower it with these writes still to come, and the next one
+            // would skip them.
             self.unsynced.store(true, std::sync::atomic::Ordering::Release);
         }
+        r
+    }
+
+    fn put_writes(&self, key: &BlockKey, meta: &[u8], data: &[u8], durable: bool) -> Result<(), StoreError> {
         let res = self.reserve(units_for(data.len()), durable)?;
         let header = Header::block(key, meta, data.len(), crc32c::crc32c(data), res.seq);
         if let Err(e) = self.write_record_with(&res, &header, data, durable) {

@@ -50,6 +50,8 @@ pub enum StripeError {
     Unavailable { stripe: String, have: usize, need: usize, missing: String, why: String },
     #[error("stripe {stripe}: {why}")]
     Corrupt { stripe: String, why: String },
+    #[error("{failed} peers could not put lately written shards on disk ({tolerated} may fail): {why}")]
+    SyncFailed { failed: usize, tolerated: usize, why: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -65,7 +67,13 @@ pub struct StripeClient {
     /// A narrower code this client fell back to when it could not find k+m live peers,
     /// and until when it keeps using it before trying the full code again.
     narrowed: Arc<parking_lot::Mutex<Option<(Code, Instant)>>>,
+    /// Peers sent lazy shards, and when last: what `sync_lazy` asks to sync.
+    lazy: Arc<parking_lot::Mutex<HashMap<NetAddr, Instant>>>,
 }
+
+/// A peer puts lazy writes on disk within about a second (its group commit); a lazy
+/// shard older than this is on disk without being asked.
+const LAZY_WINDOW: Duration = Duration::from_secs(5);
 
 /// How long a write keeps a narrowed code before looking for k+m peers again.
 const NARROWED_FOR: Duration = Duration::from_secs(20);
@@ -132,7 +140,7 @@ pub fn default_quorum(code: Code) -> usize {
 
 impl StripeClient {
     pub fn new(net: Arc<GrpcNet>, start: Vec<NetAddr>, code: Code) -> StripeClient {
-        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default(), narrowed: Default::default() }
+        StripeClient { net, start, code, write_quorum: default_quorum(code), hedge_after: DEFAULT_HEDGE_AFTER, walks: Default::default(), narrowed: Default::default(), lazy: Default::default() }
     }
 
     /// The code new stripes are written with: the ring's, or for a ring with fewer than
@@ -195,6 +203,54 @@ impl StripeClient {
     /// narrower code of the same m, so the stripe still survives m more losses; repair
     /// and rebalance later see it like any other stripe.
     pub async fn write_stripe(&self, data: Vec<u8>) -> Result<Id, StripeError> {
+        self.write_stripe_as(data, false).await
+    }
+
+    /// `write_stripe`, returning once the write quorum holds the shards in memory (safe
+    /// from a peer process dying, on the peers' disks within a second). `sync_lazy`
+    /// makes them durable sooner: what a file's fsync does.
+    pub async fn write_stripe_lazy(&self, data: Vec<u8>) -> Result<Id, StripeError> {
+        self.write_stripe_as(data, true).await
+    }
+
+    /// Has every peer that took a lazy shard from this client lately put it on disk.
+    /// Each stripe was acknowledged by k+1 peers (the write quorum), so one peer that
+    /// cannot be reached leaves every stripe with k durable shards, still whole; more
+    /// is an error.
+    pub async fn sync_lazy(&self) -> Result<(), StripeError> {
+        let started = Instant::now();
+        let peers: Vec<NetAddr> = {
+            let mut m = self.lazy.lock();
+            m.retain(|_, t| t.elapsed() < LAZY_WINDOW);
+            m.keys().cloned().collect()
+        };
+        let results = futures_util::future::join_all(peers.iter().map(|p| self.net.sync(p))).await;
+        let mut failed = Vec::new();
+        {
+            let mut m = self.lazy.lock();
+            for (p, r) in peers.iter().zip(results) {
+                match r {
+                    // Unless it took another lazy shard since we asked.
+                    Ok(()) => {
+                        if m.get(p).is_some_and(|t| *t <= started) {
+                            m.remove(p);
+                        }
+                    }
+                    Err(e) => failed.push(format!("{p}: {e}")),
+                }
+            }
+        }
+        let tolerated = self.write_quorum.clamp(self.code.k as usize, self.code.total() as usize).min(default_quorum(self.code)) - self.code.k as usize;
+        if failed.len() > tolerated {
+            return Err(StripeError::SyncFailed { failed: failed.len(), tolerated, why: failed.join("; ") });
+        }
+        for f in failed {
+            log::warn!("could not sync {f}; its shards are still held durably by the write quorum's others");
+        }
+        Ok(())
+    }
+
+    async fn write_stripe_as(&self, data: Vec<u8>, lazy: bool) -> Result<Id, StripeError> {
         let data = Arc::new(data);
         let mut code = match *self.narrowed.lock() {
             Some((c, until)) if Instant::now() < until && c.k < self.code.k => c,
@@ -232,7 +288,7 @@ impl StripeClient {
                 return Err(StripeError::TooFewPeers { have: peers.len(), code });
             }
             let quorum = if code == self.code { self.write_quorum.clamp(code.k as usize, total) } else { default_quorum(code) };
-            match self.put_shards(stripe, code, shards, peers, quorum).await {
+            match self.put_shards(stripe, code, shards, peers, quorum, lazy).await {
                 Ok(()) => return Ok(stripe),
                 Err(e) => {
                     log::info!("stripe {}: {e}; retrying with a fresh walk", stripe.to_hex());
@@ -247,14 +303,18 @@ impl StripeClient {
 
     /// Sends each shard to its peer; Ok once `quorum` are durable (stragglers get a
     /// little longer so the stripe is usually complete).
-    async fn put_shards(&self, stripe: Id, code: Code, shards: Vec<Shard>, peers: Vec<NetAddr>, quorum: usize) -> Result<(), StripeError> {
+    async fn put_shards(&self, stripe: Id, code: Code, shards: Vec<Shard>, peers: Vec<NetAddr>, quorum: usize, lazy: bool) -> Result<(), StripeError> {
         let total = code.total() as usize;
         let (tx, mut rx) = tokio::sync::mpsc::channel(total);
         for (shard, peer) in shards.into_iter().zip(peers) {
             let net = self.net.clone();
             let tx = tx.clone();
+            if lazy {
+                // Noted before sending: a sync must not miss a shard that lands late.
+                self.lazy.lock().insert(peer.clone(), Instant::now());
+            }
             tokio::spawn(async move {
-                let r = net.put_shard(&peer, &shard).await;
+                let r = net.put_shard_as(&peer, &shard, lazy).await;
                 let _ = tx.send((shard.meta.index, peer, r)).await;
             });
         }

@@ -255,7 +255,10 @@ impl FileState {
             let (c2, d3) = (cache.clone(), d2.clone());
             let sealed = tokio::task::spawn_blocking(move || c2.seal(&d3)).await.map_err(|e| FsError::Io(format!("seal task failed: {e}")))?;
             let seal = sealed[..HEADER].to_vec();
-            let key = client.write_stripe(sealed).await?;
+            // Lazily: a close promises visibility, not durability; fsync syncs the peers
+            // (see `Fs::publish`). Waiting for two fsyncs per shard made every close of a
+            // big file cost tens of milliseconds.
+            let key = client.write_stripe_lazy(sealed).await?;
             cache.insert(key, d2.clone());
             Ok(Chunk { stripe: key.to_bytes().to_vec(), len: d2.len() as u32, seal })
         });

@@ -13,7 +13,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// No filesystem call waits longer than this; past it the caller gets EIO.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,6 +27,46 @@ pub struct FuseFs {
     pub rt: tokio::runtime::Handle,
     /// Set once the session exists: lets open() drop the kernel's stale attributes.
     pub notifier: Arc<OnceLock<fuser::Notifier>>,
+    pub stats: OpStats,
+}
+
+/// Per operation: calls and time spent, logged at unmount: where a workload's time
+/// goes, without a profiler.
+#[derive(Default)]
+pub struct OpStats(parking_lot::Mutex<std::collections::BTreeMap<&'static str, (u64, Duration)>>);
+
+impl OpStats {
+    fn add(&self, op: &'static str, took: Duration) {
+        let mut m = self.0.lock();
+        let e = m.entry(op).or_default();
+        e.0 += 1;
+        e.1 += took;
+    }
+
+    pub fn report(&self) -> String {
+        let mut v: Vec<_> = self.0.lock().iter().map(|(op, (n, t))| (*op, *n, *t)).collect();
+        v.sort_by_key(|x| std::cmp::Reverse(x.2));
+        v.iter().map(|(op, n, t)| format!("  {op:<12} {n:>9} calls {:>10.1} ms {:>8.0} us/call", t.as_secs_f64() * 1e3, t.as_secs_f64() * 1e6 / *n as f64)).collect::<Vec<_>>().join("\n")
+    }
+}
+
+struct OpTimer<'a> {
+    stats: &'a OpStats,
+    op: &'static str,
+    start: Instant,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        self.stats.add(self.op, self.start.elapsed());
+    }
+}
+
+/// "open" for the future of `Fs::open` (`...::Fs::open::{{closure}}`).
+fn op_name<F>() -> &'static str {
+    let full = std::any::type_name::<F>();
+    let full = full.strip_suffix("::{{closure}}").unwrap_or(full);
+    full.rsplit("::").next().unwrap_or(full)
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -67,7 +107,8 @@ fn time_ns(t: TimeOrNow) -> i64 {
 }
 
 impl FuseFs {
-    fn run<T>(&self, f: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
+    fn run<T, F: std::future::Future<Output = FsResult<T>>>(&self, f: F) -> FsResult<T> {
+        let _timer = OpTimer { stats: &self.stats, op: op_name::<F>(), start: Instant::now() };
         self.rt.block_on(async {
             match tokio::time::timeout(OP_TIMEOUT, f).await {
                 Ok(r) => r,
@@ -94,6 +135,7 @@ impl fuser::Filesystem for FuseFs {
     fn destroy(&mut self) {
         let fs = self.fs.clone();
         self.rt.block_on(async move { fs.flush_all().await });
+        log::info!("time spent per operation since the mount:\n{}", self.stats.report());
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

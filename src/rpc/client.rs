@@ -210,17 +210,35 @@ impl GrpcNet {
         code_from(info.code_k, info.code_m).map_err(|s| NetError::Protocol(format!("{addr}: {}", s.message())))
     }
 
+    /// Stores a shard durably (on the peer's disk when this returns).
     pub async fn put_shard(&self, addr: &NetAddr, shard: &Shard) -> Result<(), NetError> {
-        let r = self.put_shard_inner(addr, shard).await;
+        self.put_shard_as(addr, shard, false).await
+    }
+
+    /// Stores a shard; `lazy`: in the peer's page cache when this returns (see `sync`).
+    pub async fn put_shard_as(&self, addr: &NetAddr, shard: &Shard, lazy: bool) -> Result<(), NetError> {
+        let r = async {
+            let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
+            let req = Self::request(pb::PutShardRequest { meta: shard.meta.encode(), data: shard.data.clone(), lazy }, BLOCK_CALL_TIMEOUT);
+            with_deadline(BLOCK_CALL_TIMEOUT, c.put_shard(req)).await.map_err(|s| net_error(addr, s))?;
+            Ok(())
+        }
+        .await;
         self.observe(addr, &r);
         r
     }
 
-    async fn put_shard_inner(&self, addr: &NetAddr, shard: &Shard) -> Result<(), NetError> {
-        let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
-        let req = Self::request(pb::PutShardRequest { meta: shard.meta.encode(), data: shard.data.clone() }, BLOCK_CALL_TIMEOUT);
-        with_deadline(BLOCK_CALL_TIMEOUT, c.put_shard(req)).await.map_err(|s| net_error(addr, s))?;
-        Ok(())
+    /// Has `addr` put every lazy write it took on disk.
+    pub async fn sync(&self, addr: &NetAddr) -> Result<(), NetError> {
+        let r = async {
+            let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
+            let req = Self::request(pb::Empty {}, BLOCK_CALL_TIMEOUT);
+            with_deadline(BLOCK_CALL_TIMEOUT, c.sync(req)).await.map_err(|s| net_error(addr, s))?;
+            Ok(())
+        }
+        .await;
+        self.observe(addr, &r);
+        r
     }
 
     /// One intact shard of `stripe` that `addr` holds, other than those in `skip_mask`.

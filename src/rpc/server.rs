@@ -281,9 +281,18 @@ impl Peer for PeerService {
                 super::fault::flip(&mut data);
                 meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
             }
-            state.store.put(&key, &meta_bytes, &data).map_err(store_status)
+            if r.lazy {
+                state.store.put_unsynced(&key, &meta_bytes, &data).map_err(store_status)
+            } else {
+                state.store.put(&key, &meta_bytes, &data).map_err(store_status)
+            }
         })
         .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn sync(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        self.state.records.sync().await.map_err(record_status)?;
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -80,6 +80,9 @@ struct Pending {
     closed: std::collections::HashSet<u64>,
     /// Every closed one not yet published (in a batch or not): the backlog.
     unpublished: std::collections::HashSet<u64>,
+    /// Of those, directories made under the lease (no open file stands for them), with
+    /// their record while it is not written yet.
+    dirs: HashMap<u64, Option<Arc<Inode>>>,
     /// Ones the ring refused, tried again from `retry_at`.
     retry: std::collections::HashSet<u64>,
     retry_at: Option<Instant>,
@@ -143,7 +146,17 @@ impl Fs {
 
     /// The inode, from the cache if it is younger than `max_age`.
     async fn load(&self, ino: u64, max_age: Duration) -> FsResult<(u64, Arc<Inode>)> {
-        let cached = self.inodes.lock().get(&ino).cloned();
+        let mut cached = self.inodes.lock().get(&ino).cloned();
+        if self.made_dir_unwritten(ino) {
+            // Made here and not on the ring yet: nobody else can reach it, so our copy
+            // is the directory, however old.
+            if let Some(c) = cached {
+                return Ok((c.version, c.inode));
+            }
+            // Boxed: settling writes the parent directory, which loads it.
+            Box::pin(self.settle_ino(ino)).await?;
+            cached = self.inodes.lock().get(&ino).cloned();
+        }
         if let Some(c) = &cached {
             if c.at.elapsed() <= max_age {
                 return Ok((c.version, c.inode.clone()));
@@ -458,6 +471,9 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<(u64, Arc<Inode>)> {
+        if let Some(made) = self.mkdir_leased(parent, name, mode, uid, gid).await? {
+            return Ok(made);
+        }
         self.make(parent, name, new_inode(Kind::Dir, mode, uid, gid)).await
     }
 
@@ -581,6 +597,12 @@ impl Fs {
 
     async fn publish(&self, ino: u64, st: &mut FileState, durable: bool) -> FsResult<()> {
         st.settle(&self.data).await?;
+        if durable {
+            // Chunks were written lazily: on the peers' disks before the inode naming
+            // them is. This syncs every peer given lazy shards lately, so it also covers
+            // what earlier handles of this file wrote and closed.
+            self.data.stripes.sync_lazy().await?;
+        }
         if st.create.is_some() {
             return self.publish_create(ino, st, durable, true).await;
         }
@@ -646,7 +668,7 @@ impl Fs {
         Err(FsError::Io(format!("inode {ino}: gave up publishing after {MAX_SWAPS} conflicts")))
     }
 
-    /// fsync(2): published and on the disks of every replica (data stripes always are).
+    /// fsync(2): published, and the inode and its chunks on the peers' disks.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let f = self.file(fh)?;
         let mut st = f.st.lock().await;
@@ -833,6 +855,7 @@ impl Fs {
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.settle_name(parent, name).await?;
         let e = self.entry(parent, name).await?;
         if e.kind != Kind::Dir as u32 {
             return Err(FsError::NotDir);
@@ -1116,6 +1139,13 @@ impl Fs {
             let mut st = f.st.lock().await;
             if let Err(e) = self.publish(f.ino, &mut st, false).await {
                 log::error!("inode {}: could not publish at unmount: {e}", f.ino);
+            }
+        }
+        // Directories made under a lease, and files whose publish is being retried.
+        let dirs: Vec<u64> = self.pending.lock().by_dir.keys().copied().collect();
+        for dir in dirs {
+            if let Err(e) = self.settle_dir(dir).await {
+                log::error!("directory {dir}: could not publish what was created in it at unmount: {e}");
             }
         }
         // Giving leases back only spares other mounts a wait (a lease lapses by itself):
