@@ -201,6 +201,81 @@ fn directory_leases_keep_close_to_open_exclusive_create_and_lapse_when_the_holde
     }
 }
 
+/// Directories made under a lease are decided locally and put on the ring later (record,
+/// then entry, with the parent's files): another mount must still find each one, and
+/// what is inside, as soon as mkdir and close have returned; the maker must be able to
+/// use a new directory at once (rmdir, rename, errors for a taken name); and an unmount
+/// right after must leave the whole tree on the ring.
+#[test]
+fn directories_made_under_a_lease_are_seen_at_once_and_kept_at_unmount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ring = ring6(tmp.path());
+    let mut a = Mount::start(&tmp.path().join("a"), &ring.addr(0), &ring.member_args());
+    let b = Mount::start(&tmp.path().join("b"), &ring.addr(3), &ring.member_args());
+
+    fs::create_dir(a.path("t")).unwrap();
+    for i in 0..40 {
+        let deep = format!("t/d{i}/s{i}/u{i}");
+        fs::create_dir_all(a.path(&deep)).unwrap();
+        fs::write(a.path(&format!("{deep}/f")), format!("deep {i}")).unwrap();
+        if i % 4 == 3 {
+            let got = fs::read_to_string(b.path(&format!("{deep}/f"))).unwrap_or_else(|e| panic!("B cannot open {deep}/f that A just made: {e}"));
+            assert_eq!(got, format!("deep {i}"));
+        }
+    }
+    let listed: BTreeSet<String> = fs::read_dir(b.path("t")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(listed, (0..40).map(|i| format!("d{i}")).collect::<BTreeSet<_>>(), "B lists another set of directories than A made");
+    assert!(fs::metadata(b.path("t/d0/s0")).unwrap().is_dir());
+
+    // On the maker, a directory is usable the moment mkdir returns (in "own", which B
+    // has not touched, so A holds its lease: B's reads above made A let go of t's).
+    fs::create_dir(a.path("own")).unwrap();
+    fs::create_dir(a.path("own/fresh")).unwrap();
+    assert_eq!(fs::create_dir(a.path("own/fresh")).unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+    let e = fs::OpenOptions::new().write(true).create(true).open(a.path("own/fresh")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EISDIR), "opening a new directory for writing: {e}");
+    fs::remove_dir(a.path("own/fresh")).unwrap();
+    assert!(fs::metadata(a.path("own/fresh")).is_err());
+    fs::create_dir(a.path("own/moving")).unwrap();
+    fs::write(a.path("own/moving/inside"), b"carried along").unwrap();
+    fs::rename(a.path("own/moving"), a.path("own/moved")).unwrap();
+    fs::create_dir(a.path("own/gone")).unwrap();
+    fs::write(a.path("own/gone/f"), b"x").unwrap();
+    assert_eq!(fs::remove_dir(a.path("own/gone")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+    assert_eq!(fs::read(b.path("own/moved/inside")).unwrap(), b"carried along");
+    assert!(fs::metadata(b.path("own/moving")).is_err(), "B still sees the old name of a renamed new directory");
+
+    // Made and filled, then unmounted at once: all of it is on the ring.
+    for i in 0..30 {
+        fs::create_dir_all(a.path(&format!("late/x{i}/y"))).unwrap();
+        fs::write(a.path(&format!("late/x{i}/y/g")), format!("late {i}")).unwrap();
+    }
+    a.unmount(false).expect("the mount did not exit after fusermount -u");
+    drop(a);
+    for i in 0..30 {
+        let got = fs::read_to_string(b.path(&format!("late/x{i}/y/g"))).unwrap_or_else(|e| panic!("late/x{i}/y/g lost at unmount: {e}"));
+        assert_eq!(got, format!("late {i}"));
+    }
+    for dir in ["t", "own", "late"] {
+        for e in walk(&b.path(dir)) {
+            fs::metadata(&e).unwrap_or_else(|x| panic!("dangling entry {}: {x}", e.display()));
+        }
+    }
+}
+
+/// Every path under `root`, depth first.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 fn make_tree(root: &Path, files: usize) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for i in 0..files {
