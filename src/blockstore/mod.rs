@@ -95,7 +95,7 @@ use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -182,6 +182,9 @@ struct FreePiece {
 pub struct DiskImage {
     path: PathBuf,
     file: File,
+    /// The same image opened O_DIRECT, for large reads of data not in the page cache
+    /// (None where the filesystem refuses O_DIRECT, e.g. tmpfs).
+    direct: Option<File>,
     capacity: u64,
     total_units: u64,
     nonce: u64,
@@ -274,9 +277,11 @@ impl DiskImage {
         }
         let total_units = capacity_bytes / UNIT;
         let scanned = scan::scan(&file, sb.nonce, total_units)?;
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok();
         let img = DiskImage {
             path,
             file,
+            direct,
             capacity: capacity_bytes,
             total_units,
             nonce: sb.nonce,
@@ -710,7 +715,16 @@ impl DiskImage {
     /// Reads the record `e` points at; `Bad` if anything fails verification.
     fn read_record(&self, key: &BlockKey, e: &Entry) -> io::Result<Verified> {
         let mut hb = [0u8; HEADER_LEN];
-        self.file.read_exact_at(&mut hb, e.unit * UNIT)?;
+        let mut data = vec![0u8; e.data_len as usize];
+        let at = e.unit * UNIT;
+        let direct = self.direct.as_ref().filter(|_| data.len() >= DIRECT_READ_MIN);
+        // Header and data in one read, straight from the disk for a large record: a
+        // buffered read of the header alone would pull the data into the page cache
+        // by readahead anyway.
+        if !direct.is_some_and(|f| read_direct(f, &mut [&mut hb, &mut data], at).is_ok()) {
+            self.file.read_exact_at(&mut hb, at)?;
+            self.file.read_exact_at(&mut data, at + HEADER_LEN as u64)?;
+        }
         let h = match Header::decode(&hb, self.nonce, e.unit, self.total_units) {
             Ok(h) => h,
             Err(why) => return Ok(Verified::Bad(why)),
@@ -725,9 +739,6 @@ impl DiskImage {
                 "header on disk does not match the index".into(),
             ));
         }
-        let mut data = vec![0u8; e.data_len as usize];
-        self.file
-            .read_exact_at(&mut data, e.unit * UNIT + HEADER_LEN as u64)?;
         if crc32c::crc32c(&data) != h.data_crc {
             return Ok(Verified::Bad("data checksum mismatch".into()));
         }
@@ -803,4 +814,47 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), StoreError> {
         path,
         "image is already open (locked by another DiskImage)",
     ))
+}
+
+/// Reads at or above this size bypass the page cache.
+const DIRECT_READ_MIN: usize = 256 << 10;
+/// O_DIRECT alignment of offsets, lengths and buffers (the largest logical block size
+/// in use; 4 KiB is also the image's unit).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Fills `bufs`, one after the other, from `off` on through the O_DIRECT handle (via an
+/// aligned bounce buffer). A cold buffered read costs this machine ~1.4 s of CPU per
+/// GiB (page-cache insertion and copying; dd: 1.51 s of system time for 1 GiB, 0.09 s
+/// with O_DIRECT), and a sequential read through the mount reads nearly every shard
+/// cold: a quarter of the CPU of the whole read. Even a shard still in the page cache
+/// costs less CPU read directly (the kernel writes a dirty range back first, so the
+/// read is coherent); probing the cache first (RWF_NOWAIT) started readahead and cost
+/// more.
+fn read_direct(file: &File, bufs: &mut [&mut [u8]], off: u64) -> io::Result<()> {
+    let len: usize = bufs.iter().map(|b| b.len()).sum();
+    let start = off - off % DIRECT_ALIGN as u64;
+    let end = (off + len as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
+    let span = (end - start) as usize;
+    let mut raw = vec![0u8; span + DIRECT_ALIGN];
+    let skew = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    let bounce = &mut raw[skew..skew + span];
+    let mut got = 0;
+    while got < span {
+        match file.read_at(&mut bounce[got..], start + got as u64) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ends inside a record")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        // A short O_DIRECT read ends on a block boundary; anything else is refused.
+        if got % DIRECT_ALIGN != 0 && got < span {
+            return Err(io::Error::other("unaligned short O_DIRECT read"));
+        }
+    }
+    let mut from = (off - start) as usize;
+    for b in bufs.iter_mut() {
+        b.copy_from_slice(&bounce[from..from + b.len()]);
+        from += b.len();
+    }
+    Ok(())
 }
