@@ -457,7 +457,7 @@ impl OpenFile {
 }
 
 impl OpenFile {
-    pub async fn read(&self, ctx: &DataCtx, off: u64, len: usize) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, ctx: &DataCtx, off: u64, len: usize) -> FsResult<ReadData> {
         let sequential = self.last_read_end.swap(off + len as u64, std::sync::atomic::Ordering::Relaxed) == off;
         let (plan, ahead) = {
             let st = self.st.lock().await;
@@ -469,6 +469,27 @@ impl OpenFile {
             tokio::spawn(async move {
                 let _ = cache.get(&client, r).await;
             });
+        }
+        // The usual sequential read lies inside one chunk: handed out as a slice of it,
+        // not copied (a copy of every byte read was a fifth of the mount's copying).
+        if let [p] = plan.as_slice() {
+            let whole = match p {
+                Piece::Shared(d, s, e) if *e <= d.len() => Some((d.clone(), *s, *e)),
+                Piece::Stored(r, s, e) => {
+                    let d = ctx.cache.get(&ctx.stripes, r.clone()).await?;
+                    if *e <= d.len() {
+                        Some((d, *s, *e))
+                    } else {
+                        let mut out = Vec::with_capacity(len);
+                        append_range(&mut out, &d, *s, *e);
+                        return Ok(ReadData::Owned(out));
+                    }
+                }
+                _ => None,
+            };
+            if let Some((d, s, e)) = whole {
+                return Ok(ReadData::Slice(d, s, e));
+            }
         }
         let mut out = Vec::with_capacity(len);
         for p in plan {
@@ -482,7 +503,23 @@ impl OpenFile {
                 }
             }
         }
-        Ok(out)
+        Ok(ReadData::Owned(out))
+    }
+}
+
+/// What a read returns: its own bytes, or a range of a chunk held in memory anyway.
+pub enum ReadData {
+    Owned(Vec<u8>),
+    Slice(ChunkData, usize, usize),
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Slice(d, s, e) => &d[*s..*e],
+        }
     }
 }
 

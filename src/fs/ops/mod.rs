@@ -5,7 +5,7 @@
 
 use super::chunk::{self, ChunkCache, Reclaimer};
 use super::error::{FsError, FsResult};
-use super::file::{AttrChanges, DataCtx, FileState, OpenFile};
+use super::file::{AttrChanges, DataCtx, FileState, OpenFile, ReadData};
 use super::inode::{self, check_name, new_inode, DirEntry, Inode, InodeExt, Kind, ROOT_INO};
 use super::lease::{Leases, LEASE_TTL};
 use crate::meta::client::{RecordClient, Swap};
@@ -567,7 +567,7 @@ impl Fs {
         }
     }
 
-    pub async fn read(&self, fh: u64, off: u64, len: usize) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, fh: u64, off: u64, len: usize) -> FsResult<ReadData> {
         self.file(fh)?.read(&self.data, off, len).await
     }
 
