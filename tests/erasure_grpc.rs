@@ -326,3 +326,43 @@ async fn a_small_ring_writes_narrower_stripes_and_a_tiny_one_is_refused() {
     }
     panic!("the refusal never named the reason: {last}");
 }
+
+/// Stripes written lazily (a mount's chunks) are put on disk by `sync_lazy`: it succeeds
+/// with every peer up and with one peer not answering (each stripe still has k durable
+/// shards), fails with two peers that took shards gone rather than promise what it cannot,
+/// and what was written reads back either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_stripes_are_synced_and_a_sync_missing_two_peers_fails() {
+    use mutualstore::erasure::client::{StripeClient, StripeError};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "1GiB", 600.0);
+    ring.wait_ring(LONG).await;
+    let net = std::sync::Arc::new(ring.net());
+    let (_, code) = net.hello(&ring.addr(0), "").await.unwrap();
+    let c = StripeClient::new(net, vec![ring.addr(0)], code);
+
+    let a = bytes(3 * MIB, 1);
+    let sa = c.write_stripe_lazy(a.clone()).await.unwrap();
+    c.sync_lazy().await.expect("a sync with every peer up");
+
+    // One peer frozen: its Sync times out, the others' suffice.
+    let b = bytes(2 * MIB, 2);
+    let sb = c.write_stripe_lazy(b.clone()).await.unwrap();
+    ring.signal(5, libc::SIGSTOP);
+    let r = tokio::time::timeout(Duration::from_secs(30), c.sync_lazy()).await.expect("a sync waits on a frozen peer without bound");
+    ring.signal(5, libc::SIGCONT);
+    r.expect("a sync with one peer frozen");
+
+    // Two peers that took shards die: no promise.
+    let d = bytes(MIB, 3);
+    let sd = c.write_stripe_lazy(d.clone()).await.unwrap();
+    ring.kill(1);
+    ring.kill(2);
+    match c.sync_lazy().await {
+        Err(StripeError::SyncFailed { failed, .. }) => assert_eq!(failed, 2),
+        other => panic!("a sync with two holders dead said {other:?}"),
+    }
+    for (s, data) in [(sa, a), (sb, b), (sd, d)] {
+        assert!(c.read_stripe(s, Some(data.len())).await.unwrap() == data, "stripe {} reads back wrong", s.to_hex());
+    }
+}

@@ -228,12 +228,13 @@ impl GrpcNet {
         r
     }
 
-    /// Has `addr` put every lazy write it took on disk.
+    /// Has `addr` put every lazy write it took on disk. Bounded like a record write, not
+    /// like a block transfer: an fsync must not wait 20 s on a frozen peer (one may fail).
     pub async fn sync(&self, addr: &NetAddr) -> Result<(), NetError> {
         let r = async {
-            let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
-            let req = Self::request(pb::Empty {}, BLOCK_CALL_TIMEOUT);
-            with_deadline(BLOCK_CALL_TIMEOUT, c.sync(req)).await.map_err(|s| net_error(addr, s))?;
+            let mut c = self.client(addr, RECORD_CAS_TIMEOUT)?;
+            let req = Self::request(pb::Empty {}, RECORD_CAS_TIMEOUT);
+            with_deadline(RECORD_CAS_TIMEOUT, c.sync(req)).await.map_err(|s| net_error(addr, s))?;
             Ok(())
         }
         .await;
