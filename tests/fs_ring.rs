@@ -242,6 +242,10 @@ fn directories_made_under_a_lease_are_seen_at_once_and_kept_at_unmount() {
     fs::create_dir(a.path("own/gone")).unwrap();
     fs::write(a.path("own/gone/f"), b"x").unwrap();
     assert_eq!(fs::remove_dir(a.path("own/gone")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
+    fs::create_dir_all(a.path("own/synced/inner")).unwrap();
+    fs::File::open(a.path("own/synced")).unwrap().sync_all().expect("fsync of a directory made a moment ago");
+    fs::File::open(a.path("own")).unwrap().sync_all().expect("fsync of a directory with a new entry");
+    assert!(fs::metadata(b.path("own/synced/inner")).unwrap().is_dir());
     assert_eq!(fs::read(b.path("own/moved/inside")).unwrap(), b"carried along");
     assert!(fs::metadata(b.path("own/moving")).is_err(), "B still sees the old name of a renamed new directory");
 

@@ -384,9 +384,14 @@ impl fuser::Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory changes are durable on the ring when the call that made them returns.
-        reply.ok();
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.run(self.fs.fsyncdir(ino.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                self.log_err("fsyncdir", &e);
+                reply.error(errno(&e))
+            }
+        }
     }
 
     /// No ioctls: a regular file is no terminal (ENOTTY, which is what programs probing

@@ -675,6 +675,15 @@ impl Fs {
         self.publish(f.ino, &mut st, true).await
     }
 
+    /// fsync(2) on a directory: what was created or made in it under a lease is
+    /// published, and its record is on the disks of its replicas (entries, like a local
+    /// filesystem's fsync of a directory; the inodes they name follow their own fsyncs).
+    pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        self.settle_ino(ino).await?;
+        self.settle_dir(ino).await?;
+        self.sync_record(ino).await
+    }
+
     /// Rewrites the inode's current version durably on its replicas.
     async fn sync_record(&self, ino: u64) -> FsResult<()> {
         let rec = self.records.get(self.key(ino)).await?;
