@@ -22,6 +22,8 @@ const INSIST_AFTER: usize = 4;
 /// A read asks just enough replicas, and the rest when one fails or none has
 /// answered within this long.
 const READ_HEDGE: Duration = Duration::from_millis(30);
+/// Replica sets looked up at once for a batched read.
+const WALKS_PARALLEL: usize = 32;
 /// Records of a batched read that are read one by one (their batch fell short) at once.
 const FALLBACK_PARALLEL: usize = 16;
 
@@ -252,7 +254,10 @@ impl RecordClient {
     /// one per record and replica: what a listing's prefetch costs the ring. A record
     /// whose batched answers fall short (a peer failed or left it out) is read alone.
     pub async fn get_newer_many(&self, keys: &[(Id, u64)]) -> Vec<Result<Option<Record>, MetaError>> {
-        let sets = join_all(keys.iter().map(|(k, _)| self.replica_set(*k))).await;
+        // A few walks at a time: with a cold walk cache each may be a lookup, and one
+        // answer places a whole arc of keys for the rest.
+        let walks: Vec<_> = keys.iter().map(|(k, _)| self.replica_set(*k)).collect();
+        let sets: Vec<_> = futures_util::stream::iter(walks).buffered(WALKS_PARALLEL).collect().await;
         let mut need = vec![0; keys.len()];
         let mut by_peer: HashMap<NetAddr, Vec<usize>> = HashMap::new();
         for (i, set) in sets.iter().enumerate() {
