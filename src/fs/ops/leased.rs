@@ -190,8 +190,7 @@ impl Fs {
                 NameUnderLease::Taken if exclusive => return Err(FsError::Exists),
                 NameUnderLease::Taken | NameUnderLease::NotLeased => return Ok(None),
             }
-            p.by_dir.entry(parent).or_default().insert(name.to_vec(), (ino, Instant::now()));
-            p.inos.insert(ino, (parent, name.to_vec()));
+            reserve(&mut p, parent, name, ino);
         }
         let mut st = FileState::new(0, node.clone(), self.data.chunk_bytes);
         st.create = Some((parent, name.to_vec()));
@@ -246,8 +245,7 @@ impl Fs {
                 NameUnderLease::Taken => return Err(FsError::Exists),
                 NameUnderLease::NotLeased => return Ok(None),
             }
-            p.by_dir.entry(parent).or_default().insert(name.to_vec(), (ino, Instant::now()));
-            p.inos.insert(ino, (parent, name.to_vec()));
+            reserve(&mut p, parent, name, ino);
             p.dirs.insert(ino, Some(node.clone()));
             p.closed.insert(ino);
             p.unpublished.insert(ino);
@@ -849,6 +847,12 @@ mod tests {
         assert!(c.ends_with(b".conflict-000000000000002a"));
         assert_eq!(conflict_name(b"f", 1), b"f.conflict-0000000000000001".to_vec());
     }
+}
+
+/// Reserves `name` in `parent` for `ino`, decided under the lease (pending lock held).
+fn reserve(p: &mut super::Pending, parent: u64, name: &[u8], ino: u64) {
+    p.by_dir.entry(parent).or_default().insert(name.to_vec(), (ino, Instant::now()));
+    p.inos.insert(ino, (parent, name.to_vec()));
 }
 
 /// What this mount's exact copy of a leased directory says about a name.
