@@ -223,20 +223,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start runtime: {e}"))
 }
 
-/// A storage peer's runtime: half the cores for async work. Its heavy work (hashing and
-/// writing shards, fsync) runs on the blocking pool; what is left — TLS, HTTP/2, routing,
-/// record calls — is many small tasks, and on a small machine waking a second worker for
-/// each of them cost more than it gained (six peers and a mount on 2 cores: small-file
-/// creates 380-410/s with two workers per peer, 476-525/s with one, less CPU in all).
-fn peer_runtime() -> Result<tokio::runtime::Runtime, String> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads((cores / 2).max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start runtime: {e}"))
-}
-
 /// Chunks, stripes and shards are 1-16 MiB buffers, allocated and freed per chunk. By
 /// default glibc serves those with fresh mmaps, so every one is page-faulted in and
 /// zeroed by the kernel (perf of a sequential write: 9 % of all CPU in clear_page);
@@ -309,7 +295,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 secret: member.secret()?,
                 fault: None,
             };
-            peer_runtime()?.block_on(async move {
+            mutualstore::peer::runtime()?.block_on(async move {
                 let p = peer::start(cfg).await?;
                 println!("peer {} serving at {} (ring code {})", p.state.node.lock().peer_id.short(), p.addr, p.state.code);
                 tokio::select! {

@@ -64,7 +64,7 @@ pub fn run_foreground(cfg: MountConfig) -> Result<(), String> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start runtime: {e}"))?;
+    let rt = peer::runtime()?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (fs, reclaim_task, local_peer) = rt.block_on(async {
         let (join, local_peer) = match cfg.peer {

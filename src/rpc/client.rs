@@ -142,12 +142,12 @@ impl GrpcNet {
                     let scheme = if self.tls.is_some() { "https" } else { "http" };
                     let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
                         .map_err(|e| NetError::Unreachable(format!("bad address {addr}: {e}")))?
-                        .connect_timeout(CONNECT_TIMEOUT)
-                        .tcp_nodelay(true);
+                        .connect_timeout(CONNECT_TIMEOUT);
                     if let Some(t) = &self.tls {
                         ep = ep.tls_config(t.client_config()).map_err(|e| NetError::Unreachable(format!("TLS for {addr}: {e}")))?;
                     }
-                    let c = ep.connect_lazy();
+                    // Our own TCP connector: it gathers each flush into one send (see `coalesce`).
+                    let c = ep.connect_with_connector_lazy(super::coalesce::Connector);
                     map.insert(addr.clone(), c.clone());
                     c
                 }

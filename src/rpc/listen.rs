@@ -3,6 +3,7 @@
 //! in a ring with a secret, put through a mutual-TLS handshake that only members pass.
 //! Every refusal is logged (at most once per address per LOG_EVERY, with a count).
 
+use super::coalesce::Coalesce;
 use crate::crypto::tls::RingTls;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -94,8 +95,9 @@ fn nodelay(s: &TcpStream) {
     }
 }
 
-/// The next connection the gate lets in (TCP_NODELAY set); refusals are logged.
-async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (TcpStream, std::net::SocketAddr) {
+/// The next connection the gate lets in (TCP_NODELAY set, each flush sent as one send:
+/// see `coalesce`); refusals are logged.
+async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (Conn, std::net::SocketAddr) {
     loop {
         let (s, from) = match listener.accept().await {
             Ok(x) => x,
@@ -110,12 +112,12 @@ async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (TcpStream, std::
             continue;
         }
         nodelay(&s);
-        return (s, from);
+        return (Coalesce::new(s), from);
     }
 }
 
 /// Plain connections (a ring without a secret), rate-limited.
-pub fn plain(listener: TcpListener) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+pub fn plain(listener: TcpListener) -> ReceiverStream<Result<Conn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let gate = Gate::default();
     tokio::spawn(async move {
@@ -129,7 +131,8 @@ pub fn plain(listener: TcpListener) -> ReceiverStream<Result<TcpStream, std::io:
     ReceiverStream::new(rx)
 }
 
-pub type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+pub type Conn = Coalesce<TcpStream>;
+pub type TlsConn = tokio_rustls::server::TlsStream<Conn>;
 
 /// Connections from members only: each must complete a mutual-TLS handshake under the
 /// ring's authority.
