@@ -90,7 +90,7 @@ pub fn run_foreground(cfg: MountConfig) -> Result<(), String> {
     })?;
 
     let notifier = Arc::new(OnceLock::new());
-    let ffs = FuseFs { fs: fs.clone(), rt: rt.handle().clone(), notifier: notifier.clone(), stats: Default::default() };
+    let ffs = FuseFs { fs: fs.clone(), rt: rt.handle().clone(), notifier: notifier.clone(), stats: Arc::default() };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("mutualstore".into()),
