@@ -5,7 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/mutualstore.proto");
     println!("cargo:rerun-if-changed=proto/fsmeta.proto");
+    // Shard bytes as `Bytes`: decoded without a copy out of the received buffer, and
+    // shared rather than copied when a request is built from a shard.
     tonic_prost_build::configure()
+        .bytes(".mutualstore.v1.PutShardRequest.data")
+        .bytes(".mutualstore.v1.GetShardResponse.data")
         .build_client(true)
         .build_server(true)
         .compile_protos(&["proto/mutualstore.proto"], &["proto"])?;

@@ -734,7 +734,9 @@ mod tests {
         let code = Code::new(2, 2).unwrap();
         let data = vec![42u8; 5000];
         let (s, mut shards) = make_stripe(code, &data).unwrap();
-        shards[0].data[10] ^= 0xff;
+        let mut forged = shards[0].data.to_vec();
+        forged[10] ^= 0xff;
+        shards[0].data = forged.into();
         shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
         assert_eq!(assemble_any(s, code, data.len(), &shards).unwrap(), data);
         assert_eq!(assemble_any_noting(s, code, data.len(), &shards).unwrap(), (data.clone(), true), "the forged first shard is noted");

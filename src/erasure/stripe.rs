@@ -136,7 +136,8 @@ impl ShardMeta {
 #[derive(Debug, Clone)]
 pub struct Shard {
     pub meta: ShardMeta,
-    pub data: Vec<u8>,
+    /// Shared, not copied, between the coder, the requests that carry it and retries.
+    pub data: bytes::Bytes,
 }
 
 /// Splits and encodes one stripe; returns its key and all k+m shards.
@@ -148,7 +149,7 @@ pub fn make_stripe(code: Code, data: &[u8]) -> Result<(Id, Vec<Shard>), super::c
         .into_iter()
         .zip(hashes)
         .enumerate()
-        .map(|(i, (d, shard_hash))| Shard { meta: ShardMeta { code, index: i as u8, stripe_len: data.len() as u32, stripe: s, shard_hash }, data: d })
+        .map(|(i, (d, shard_hash))| Shard { meta: ShardMeta { code, index: i as u8, stripe_len: data.len() as u32, stripe: s, shard_hash }, data: d.into() })
         .collect();
     Ok((s, out))
 }
@@ -228,7 +229,9 @@ mod tests {
         let (s, mut shards) = make_stripe(code, &data).unwrap();
         assert_eq!(assemble(s, code, data.len(), &shards[1..]).unwrap(), data);
         // A hostile peer rewrites shard 0 and its header hash to match.
-        shards[0].data[0] ^= 1;
+        let mut forged = shards[0].data.to_vec();
+        forged[0] ^= 1;
+        shards[0].data = forged.into();
         shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
         assert!(assemble(s, code, data.len(), &shards[..2]).is_err());
     }

@@ -574,7 +574,7 @@ impl Upkeep {
             let store = self.state.store.clone();
             let key = super::stripe::shard_block_key(s.stripe, index);
             let block = tokio::task::spawn_blocking(move || store.get(&key)).await.ok().and_then(|r| r.ok()).flatten();
-            let Some(shard) = block.and_then(|b| ShardMeta::decode(&b.meta).ok().filter(|m| m.verifies(&b.data)).map(|meta| Shard { meta, data: b.data })) else {
+            let Some(shard) = block.and_then(|b| ShardMeta::decode(&b.meta).ok().filter(|m| m.verifies(&b.data)).map(|meta| Shard { meta, data: b.data.into() })) else {
                 left += 1;
                 continue;
             };

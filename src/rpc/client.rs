@@ -48,6 +48,11 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 pub fn net_error(addr: &str, s: Status) -> NetError {
     match s.code() {
         tonic::Code::DeadlineExceeded => NetError::Timeout(0),
+        // tonic's own client-side deadline (the request's grpc-timeout) ends a call as
+        // CANCELLED "Timeout expired": silence, not a refusal. Taken for one, a peer that
+        // was only frozen for a few seconds was kept out of its neighbours' successor
+        // lists for REFUSED_TTL_MS after it woke, and stripes it held read as unavailable.
+        tonic::Code::Cancelled if s.message() == tonic::TimeoutExpired(()).to_string() => NetError::Timeout(0),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => NetError::Unreachable(format!("{addr}: {}", error_chain(&s))),
         _ => NetError::Refused(format!("{addr}: {}", s.message())),
     }
@@ -140,9 +145,9 @@ impl GrpcNet {
                 Some(c) => c.clone(),
                 None => {
                     let scheme = if self.tls.is_some() { "https" } else { "http" };
-                    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                        .map_err(|e| NetError::Unreachable(format!("bad address {addr}: {e}")))?
-                        .connect_timeout(CONNECT_TIMEOUT);
+                    // No Endpoint::connect_timeout: with a custom connector tonic would
+                    // bound the TLS handshake with it too (see `coalesce::Connector`).
+                    let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| NetError::Unreachable(format!("bad address {addr}: {e}")))?;
                     if let Some(t) = &self.tls {
                         ep = ep.tls_config(t.client_config()).map_err(|e| NetError::Unreachable(format!("TLS for {addr}: {e}")))?;
                     }
@@ -489,4 +494,19 @@ fn fetched_from(addr: &NetAddr, known: u64, r: pb::GetRecordResponse) -> Result<
         return Err(NetError::Protocol(format!("{addr} sent a record with version 0")));
     }
     Ok(Fetched::Got(Record { version: r.version, deleted: r.deleted, data: r.data }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_is_a_timeout_and_only_a_failed_connection_is_unreachable() {
+        assert!(matches!(net_error("p", Status::deadline_exceeded("late")), NetError::Timeout(_)));
+        // What tonic's client-side grpc-timeout produces.
+        assert!(matches!(net_error("p", Status::cancelled(tonic::TimeoutExpired(()).to_string())), NetError::Timeout(_)));
+        assert!(matches!(net_error("p", Status::cancelled("the caller went away")), NetError::Unreachable(_)));
+        assert!(matches!(net_error("p", Status::unavailable("connection refused")), NetError::Unreachable(_)));
+        assert!(matches!(net_error("p", Status::invalid_argument("bad key")), NetError::Refused(_)));
+    }
 }

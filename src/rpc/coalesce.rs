@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use super::CONNECT_TIMEOUT;
 
 /// Writes are gathered while they add up to less than this, and a flush of them waits
 /// one scheduler turn for more; anything larger goes straight to the socket.
@@ -136,7 +137,15 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
             let host = uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let port = uri.port_u16().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no port in {uri}")))?;
-            let s = TcpStream::connect((host, port)).await?;
+            // Bounds the TCP connect only, as tonic's own connector did: a TLS handshake
+            // with a peer that accepted and then went silent (frozen) is left to the
+            // call's deadline, a timeout, not a refusal that keeps the peer out of
+            // successor lists for REFUSED_TTL_MS (bounding both here made a frozen
+            // peer look refused).
+            let s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+                Ok(s) => s?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no TCP connection to {host}:{port} within {CONNECT_TIMEOUT:?}"))),
+            };
             s.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(Coalesce::new(s)))
         })

@@ -278,7 +278,9 @@ impl Peer for PeerService {
             let key = meta.block_key();
             let (mut meta_bytes, mut data) = (r.meta, r.data);
             if state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
-                super::fault::flip(&mut data);
+                let mut forged = data.to_vec();
+                super::fault::flip(&mut forged);
+                data = forged.into();
                 meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
             }
             if r.lazy {
@@ -325,9 +327,9 @@ impl Peer for PeerService {
                 if self.state.fault.as_ref().is_some_and(|f| Fault::on(&f.flip_served)) {
                     super::fault::flip(&mut b.data);
                 }
-                pb::GetShardResponse { found: true, meta: b.meta, data: b.data }
+                pb::GetShardResponse { found: true, meta: b.meta, data: b.data.into() }
             }
-            None => pb::GetShardResponse { found: false, meta: Vec::new(), data: Vec::new() },
+            None => pb::GetShardResponse { found: false, meta: Vec::new(), data: Default::default() },
         }))
     }
 
