@@ -159,7 +159,7 @@ fn valid_responses() -> Vec<Vec<u8>> {
         pb::HelloResponse { protocol_version: mutualstore::rpc::PROTOCOL_VERSION, peer_id: id.clone(), code_k: 4, code_m: 2 }.encode_to_vec(),
         pb::FindNextResponse { found: true, owner: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], next: vec![contact("127.0.0.1:4")], arc_from: vec![4u8; 20] }.encode_to_vec(),
         pb::NeighborsResponse { predecessor: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], peer_capacity_bytes: 1 << 30, peer_keyspace_share: 0.5, vnode_exists: true, largest_arc_pred: id.clone(), largest_arc_vnode: vec![6u8; 20] }.encode_to_vec(),
-        pb::GetShardResponse { found: true, meta: vec![b'S'; 52], data: vec![1; 64] }.encode_to_vec(),
+        pb::GetShardResponse { found: true, meta: vec![b'S'; 52], data: vec![1; 64].into() }.encode_to_vec(),
         pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }.encode_to_vec(),
         pb::GetRecordsResponse { items: vec![pb::GetRecordsItem { skipped: false, record: Some(pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }) }, pb::GetRecordsItem { skipped: true, record: None }] }.encode_to_vec(),
         pb::CasRecordResponse { ok: false, version: 4, found: true, deleted: false, data: vec![2; 30], failed_replicas: vec!["127.0.0.1:5".into()] }.encode_to_vec(),
