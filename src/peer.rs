@@ -239,7 +239,11 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     let shutdown = async {
         let _ = rx.await;
     };
-    let builder = || tonic::transport::Server::builder().timeout(Duration::from_secs(60)).add_service(svc.clone());
+    let builder = || tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(60))
+            .initial_stream_window_size(crate::rpc::H2_STREAM_WINDOW)
+            .initial_connection_window_size(crate::rpc::H2_CONNECTION_WINDOW)
+            .max_frame_size(crate::rpc::H2_MAX_FRAME).add_service(svc.clone());
     let server = match &tls {
         Some(t) => {
             let serving = builder().serve_with_incoming_shutdown(listen::tls(listener, t.clone()), shutdown);

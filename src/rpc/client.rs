@@ -151,6 +151,10 @@ impl GrpcNet {
                     if let Some(t) = &self.tls {
                         ep = ep.tls_config(t.client_config()).map_err(|e| NetError::Unreachable(format!("TLS for {addr}: {e}")))?;
                     }
+                    ep = ep
+                        .initial_stream_window_size(super::H2_STREAM_WINDOW)
+                        .initial_connection_window_size(super::H2_CONNECTION_WINDOW)
+                        .max_frame_size(super::H2_MAX_FRAME);
                     // Our own TCP connector: it gathers each flush into one send (see `coalesce`).
                     let c = ep.connect_with_connector_lazy(super::coalesce::Connector);
                     map.insert(addr.clone(), c.clone());
