@@ -88,6 +88,7 @@
 mod extents;
 mod format;
 mod scan;
+mod small_cache;
 #[cfg(test)]
 mod tests;
 
@@ -104,6 +105,7 @@ use parking_lot::Mutex;
 use extents::FreeMap;
 use format::{units_for, Header, Kind, Superblock, HEADER_LEN, SUPERBLOCK_LEN, UNIT};
 use scan::Scanned;
+use small_cache::SmallCache;
 
 pub type BlockKey = [u8; 20];
 /// Largest block.
@@ -195,6 +197,8 @@ pub struct DiskImage {
     orphans_at_open: std::sync::atomic::AtomicUsize,
     /// Some `put_unsynced` has not been followed by a sync yet.
     unsynced: std::sync::atomic::AtomicBool,
+    /// Recently read or written small blocks (records), by key and seq.
+    small: Mutex<SmallCache>,
 }
 
 impl fmt::Debug for DiskImage {
@@ -292,6 +296,7 @@ impl DiskImage {
             }),
             orphans_at_open: Default::default(),
             unsynced: Default::default(),
+            small: Mutex::new(SmallCache::new(small_cache::BUDGET_BYTES)),
         };
         img.recover(scanned)?;
         Ok(img)
@@ -348,6 +353,7 @@ impl DiskImage {
             return Err(e.into());
         }
         self.install(key, &res, data.len(), durable);
+        self.small.lock().remove(key);
         Ok(())
     }
 
@@ -372,6 +378,28 @@ impl DiskImage {
         }
     }
 
+    /// `get` for small blocks read often (records): served from memory while the block
+    /// is the version that was read (see `small_cache`). Scrub and everything that must
+    /// see the disk use `get`.
+    pub fn get_cached(&self, key: &BlockKey) -> Result<Option<Block>, StoreError> {
+        let Some(entry) = self.index.lock().live.get(key).copied() else {
+            return Ok(None);
+        };
+        if let Some(b) = self.small.lock().get(key, entry.seq) {
+            return Ok(Some(b));
+        }
+        match self.read_record(key, &entry)? {
+            Verified::Good(block) => {
+                if block.data.len() <= small_cache::SMALL_BLOCK_MAX {
+                    self.small.lock().insert(*key, entry.seq, &block);
+                }
+                Ok(Some(block))
+            }
+            // Damaged, or replaced while we read: the full path decides which.
+            Verified::Bad(_) => self.get(key),
+        }
+    }
+
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.index.lock().live.contains_key(key)
     }
@@ -388,6 +416,7 @@ impl DiskImage {
             idx.corrupt.remove(key);
             e
         };
+        self.small.lock().remove(key);
         self.free_extent(removed.unit, removed.units, true)?;
         Ok(true)
     }

@@ -257,7 +257,7 @@ fn lock_index(key: Id) -> usize {
 }
 
 fn read_local(s: &DiskImage, key: Id) -> Result<Record, RecordError> {
-    let Some(b) = s.get(&key.to_bytes())? else { return Ok(Record::default()) };
+    let Some(b) = s.get_cached(&key.to_bytes())? else { return Ok(Record::default()) };
     let (version, deleted) = decode_meta(&b.meta).ok_or_else(|| RecordError::NotARecord(key.to_hex()))?;
     Ok(Record { version, deleted, data: if deleted { Vec::new() } else { b.data } })
 }
