@@ -868,7 +868,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// buffers in the heap, where zeroing 1 MiB is a real memset (2 % of all CPU in a
 /// sequential read, with a second buffer it was copied into).
 fn read_direct(file: &File, header: &mut [u8; HEADER_LEN], len: usize, off: u64) -> io::Result<Vec<u8>> {
-    if off % DIRECT_ALIGN as u64 != 0 {
+    if !off.is_multiple_of(DIRECT_ALIGN as u64) {
         return Err(io::Error::other("record not aligned for O_DIRECT"));
     }
     let span = (HEADER_LEN + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;

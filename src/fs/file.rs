@@ -288,9 +288,7 @@ impl FileState {
                 Err(e) => {
                     log::warn!("chunk {idx} write failed: {e}");
                     // Keep the bytes so a later flush can try again.
-                    if !self.dirty.contains_key(&idx) {
-                        self.dirty.insert(idx, data.as_ref().clone());
-                    }
+                    self.dirty.entry(idx).or_insert_with(|| data.as_ref().clone());
                     self.failed = Some(e);
                 }
             }
@@ -367,7 +365,7 @@ impl FileState {
             let cb = self.cb as u64;
             let keep = size.div_ceil(cb);
             self.dirty.retain(|i, _| *i < keep);
-            if size % cb != 0 {
+            if !size.is_multiple_of(cb) {
                 let idx = size / cb;
                 let mut buf = self.load_chunk(ctx, idx).await?;
                 buf.truncate((size - idx * cb) as usize);

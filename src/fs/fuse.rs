@@ -150,10 +150,6 @@ impl FuseFs {
             }
         }
     }
-
-    fn log_err(&self, op: &str, e: &FsError) {
-        log_err(op, e)
-    }
 }
 
 impl fuser::Filesystem for FuseFs {
@@ -214,7 +210,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.setattr(ino.0, size, changes)) {
             Ok(i) => reply.attr(&ATTR_TTL, &attr(ino.0, &i)),
             Err(e) => {
-                self.log_err("setattr", &e);
+                log_err("setattr", &e);
                 reply.error(errno(&e))
             }
         }
@@ -237,7 +233,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.mkdir(parent.0, name.as_bytes(), mode & !umask, req.uid(), req.gid())) {
             Ok((ino, i)) => reply.entry(&ATTR_TTL, &attr(ino, &i), Generation(0)),
             Err(e) => {
-                self.log_err("mkdir", &e);
+                log_err("mkdir", &e);
                 reply.error(errno(&e))
             }
         }
@@ -247,7 +243,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.unlink(parent.0, name.as_bytes())) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("unlink", &e);
+                log_err("unlink", &e);
                 reply.error(errno(&e))
             }
         }
@@ -257,7 +253,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.rmdir(parent.0, name.as_bytes())) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("rmdir", &e);
+                log_err("rmdir", &e);
                 reply.error(errno(&e))
             }
         }
@@ -279,7 +275,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), noreplace)) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("rename", &e);
+                log_err("rename", &e);
                 reply.error(errno(&e))
             }
         }
@@ -324,7 +320,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.read(fh.0, offset, size as usize)) {
             Ok(d) => reply.data(&d),
             Err(e) => {
-                self.log_err("read", &e);
+                log_err("read", &e);
                 reply.error(errno(&e))
             }
         }
@@ -345,7 +341,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
-                self.log_err("write", &e);
+                log_err("write", &e);
                 reply.error(errno(&e))
             }
         }
@@ -355,7 +351,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.flush(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("flush", &e);
+                log_err("flush", &e);
                 reply.error(errno(&e))
             }
         }
@@ -365,7 +361,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.release(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("release", &e);
+                log_err("release", &e);
                 reply.error(errno(&e))
             }
         }
@@ -375,7 +371,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.fsync(fh.0)) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("fsync", &e);
+                log_err("fsync", &e);
                 reply.error(errno(&e))
             }
         }
@@ -426,7 +422,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.fsyncdir(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                self.log_err("fsyncdir", &e);
+                log_err("fsyncdir", &e);
                 reply.error(errno(&e))
             }
         }
@@ -488,7 +484,7 @@ impl fuser::Filesystem for FuseFs {
         match self.run(self.fs.create(parent.0, name.as_bytes(), mode & !umask, req.uid(), req.gid(), excl)) {
             Ok((ino, i, fh)) => reply.created(&ATTR_TTL, &attr(ino, &i), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => {
-                self.log_err("create", &e);
+                log_err("create", &e);
                 reply.error(errno(&e))
             }
         }
