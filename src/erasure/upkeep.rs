@@ -14,9 +14,12 @@
 //!   onto the set members that hold nothing, at a bounded rate.
 //! - A local shard found corrupt (by a read or by the rolling scrub) is rebuilt in place
 //!   at once: the peer is alive, so there is nothing to wait for.
-//! - The coordinator also audits its healthy stripes, a slice per scan at the scrub's
-//!   rate: every holder's shard is compared with the re-encoded stripe, so a peer that
-//!   stores or serves forgeries its own checks cannot see is found and rewritten.
+//! - The coordinator also audits its healthy stripes, a slice per scan at
+//!   `audit_bytes_per_sec`, one full pass a day (`audit_every`): every holder's shard is
+//!   compared with the re-encoded stripe, so a peer that stores or serves forgeries its
+//!   own checks cannot see is found and rewritten. Scrub re-reads local shards the same
+//!   way (`scrub_every`); both once went round again as soon as they finished, which on
+//!   small images meant re-reading and re-fetching everything every few minutes.
 //!
 //! Drain runs the hand-off step as if we were already out of every set.
 
@@ -53,6 +56,9 @@ pub struct UpkeepConfig {
     pub scrub_every: Duration,
     /// Shard bytes per second the stripe audit fetches from other peers.
     pub audit_bytes_per_sec: u64,
+    /// Shortest time from the start of one full audit pass to the start of the next
+    /// (reads check what they read; the audit finds forgeries nobody has read yet).
+    pub audit_every: Duration,
 }
 
 impl Default for UpkeepConfig {
@@ -64,6 +70,7 @@ impl Default for UpkeepConfig {
             scrub_bytes_per_sec: 8 << 20,
             scrub_every: Duration::from_secs(24 * 3600),
             audit_bytes_per_sec: 1 << 20,
+            audit_every: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -166,6 +173,8 @@ pub struct Upkeep {
     /// still fetch (earned at `audit_bytes_per_sec`).
     audit_cursor: Option<Id>,
     audit_credit: u64,
+    /// When the current (or last) full audit pass began.
+    audit_pass_started: Option<Instant>,
     pacer: Pacer,
 }
 
@@ -202,7 +211,7 @@ const SPARES: usize = 2;
 impl Upkeep {
     pub fn new(state: Arc<PeerState>, net: Arc<GrpcNet>, me: NetAddr, cfg: UpkeepConfig) -> Upkeep {
         let pacer = Pacer { rate: cfg.rate_bytes_per_sec, next_free: tokio::time::Instant::now() };
-        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, scrub_pass_started: None, record_cursor: None, audit_cursor: None, audit_credit: 0, pacer }
+        Upkeep { state, net, me, cfg, degraded_since: HashMap::new(), totals: UpkeepReport::default(), scrub_cursor: None, scrub_pass_started: None, record_cursor: None, audit_cursor: None, audit_credit: 0, audit_pass_started: None, pacer }
     }
 
     async fn local(&self) -> (Vec<LocalStripe>, Vec<BlockKey>) {
@@ -298,7 +307,13 @@ impl Upkeep {
         // A scan that never ran short of credit has audited through the last stripe, so
         // the next starts over. Credit is capped so an idle peer does not save up a burst.
         let earned = (self.cfg.audit_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
-        self.audit_credit = (self.audit_credit + earned).min(earned.max(64 << 20));
+        let auditing = self.audit_cursor.is_some() || self.audit_pass_started.is_none_or(|t| t.elapsed() >= self.cfg.audit_every);
+        if auditing {
+            if self.audit_cursor.is_none() {
+                self.audit_pass_started = Some(Instant::now());
+            }
+            self.audit_credit = (self.audit_credit + earned).min(earned.max(64 << 20));
+        }
         let mut audit_short = false;
         for (s, set) in stripes.iter().zip(&sets) {
             let Some(set) = set else { continue };
@@ -329,7 +344,7 @@ impl Upkeep {
             let have = view.union_with_spares().count_ones() as usize;
             if have >= total {
                 let cost = s.len as u64 * total as u64 / s.code.k as u64;
-                if self.audit_cursor.is_none_or(|c| s.stripe > c) {
+                if auditing && self.audit_cursor.is_none_or(|c| s.stripe > c) {
                     if self.audit_credit >= cost {
                         self.audit_credit -= cost;
                         self.audit_cursor = Some(s.stripe);
@@ -356,7 +371,7 @@ impl Upkeep {
                 report.repair_queue += 1;
             }
         }
-        if !audit_short {
+        if auditing && !audit_short {
             self.audit_cursor = None;
         }
         self.degraded_since.retain(|id, _| still_degraded.contains(id));
