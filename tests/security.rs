@@ -240,8 +240,9 @@ async fn a_lying_peer_cannot_make_a_read_wrong_and_its_shards_are_rewritten() {
         let join: Option<NetAddr> = peers.first().map(|p: &mutualstore::peer::RunningPeer| p.addr.clone());
         let mut cfg = peer_config(&tmp.path().join(format!("p{i}")), GIB, join.as_ref());
         cfg.upkeep.audit_bytes_per_sec = 64 << 20;
-        // Audit passes back to back (by default one a day): the forgeries are planted
-        // after the peers' first, empty, passes.
+        // Audit passes back to back, as before passes were spaced a day apart: the
+        // forgeries are planted after the peers' first, empty, passes, and the audit
+        // should stay free to find them alongside the reads.
         cfg.upkeep.audit_every = Duration::ZERO;
         if i == 1 {
             cfg.fault = Some(fault.clone());
