@@ -197,7 +197,7 @@ pub struct DiskImage {
     orphans_at_open: std::sync::atomic::AtomicUsize,
     /// Some `put_unsynced` has not been followed by a sync yet.
     unsynced: std::sync::atomic::AtomicBool,
-    /// Recently read or written small blocks (records), by key and seq.
+    /// Small blocks recently read through `get_cached` (records), by key and seq.
     small: Mutex<SmallCache>,
 }
 

@@ -50,9 +50,8 @@ pub struct UpkeepConfig {
     /// nobody reads.
     pub scrub_bytes_per_sec: u64,
     /// Shortest time from the start of one full scrub pass to the start of the next.
-    /// Reads verify what they read, so scrub is for cold data; re-reading a small image
-    /// over and over cost a 6-peer ring on one machine 11 % of its CPU and 50 MB/s of disk
-    /// reads while idle.
+    /// Reads verify what they read, so scrub is for cold data; re-reading small images
+    /// over and over cost an idle 6-peer ring on one machine 50 MB/s of disk reads.
     pub scrub_every: Duration,
     /// Shard bytes per second the stripe audit fetches from other peers.
     pub audit_bytes_per_sec: u64,
