@@ -306,11 +306,8 @@ impl Upkeep {
         // A scan that never ran short of credit has audited through the last stripe, so
         // the next starts over. Credit is capped so an idle peer does not save up a burst.
         let earned = (self.cfg.audit_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
-        let auditing = self.audit_cursor.is_some() || self.audit_pass_started.is_none_or(|t| t.elapsed() >= self.cfg.audit_every);
+        let auditing = pass_goes_on(self.audit_cursor.is_some(), &mut self.audit_pass_started, self.cfg.audit_every, Instant::now());
         if auditing {
-            if self.audit_cursor.is_none() {
-                self.audit_pass_started = Some(Instant::now());
-            }
             self.audit_credit = (self.audit_credit + earned).min(earned.max(64 << 20));
         }
         let mut audit_short = false;
@@ -654,11 +651,8 @@ impl Upkeep {
 
     /// Re-reads a slice of the local blocks so rot is found even if nobody reads them.
     async fn scrub(&mut self) {
-        if self.scrub_cursor.is_none() {
-            if self.scrub_pass_started.is_some_and(|t| t.elapsed() < self.cfg.scrub_every) {
-                return;
-            }
-            self.scrub_pass_started = Some(Instant::now());
+        if !pass_goes_on(self.scrub_cursor.is_some(), &mut self.scrub_pass_started, self.cfg.scrub_every, Instant::now()) {
+            return;
         }
         let store = self.state.store.clone();
         let budget = (self.cfg.scrub_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
@@ -681,5 +675,39 @@ impl Upkeep {
         })
         .await
         .unwrap_or(None);
+    }
+}
+
+/// Whether a rolling pass (scrub, audit) works this scan: it is in the middle of one, or
+/// the last full pass began at least `every` before `now`, in which case a new one begins.
+fn pass_goes_on(mid_pass: bool, started: &mut Option<Instant>, every: Duration, now: Instant) -> bool {
+    if mid_pass {
+        return true;
+    }
+    if started.is_some_and(|t| now.saturating_duration_since(t) < every) {
+        return false;
+    }
+    *started = Some(now);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_starts_at_once_then_not_again_until_its_period_has_passed() {
+        let day = Duration::from_secs(24 * 3600);
+        let t0 = Instant::now();
+        let mut started = None;
+        assert!(pass_goes_on(false, &mut started, day, t0), "the first pass starts at once");
+        assert_eq!(started, Some(t0));
+        assert!(pass_goes_on(true, &mut started, day, t0 + Duration::from_secs(60)), "a pass under way goes on");
+        assert!(!pass_goes_on(false, &mut started, day, t0 + Duration::from_secs(3600)), "finished an hour ago: wait");
+        assert_eq!(started, Some(t0), "a refused start leaves the clock alone");
+        assert!(pass_goes_on(false, &mut started, day, t0 + day), "a day later a new pass starts");
+        assert_eq!(started, Some(t0 + day));
+        let mut back_to_back = Some(t0);
+        assert!(pass_goes_on(false, &mut back_to_back, Duration::ZERO, t0), "every = 0: passes back to back");
     }
 }
