@@ -12,7 +12,7 @@
 //! bytes itself, `read_stripe_opened`); a shard that fails its hash is never used.
 
 use super::placement::distinct_peers;
-use super::stripe::{assemble, decode_unchecked, make_stripe, Shard};
+use super::stripe::{assemble, decode_unchecked, make_stripe, make_stripe_as, Shard};
 use super::Code;
 use crate::ring::driver::{self, Walk};
 use crate::ring::{Id, NetError};
@@ -543,10 +543,11 @@ impl StripeClient {
     fn repair_in_background(&self, read: &Read, data: &[u8]) {
         let (Some(code), stripe) = (read.code, read.stripe) else { return };
         let served: Vec<(NetAddr, Shard)> = read.from.iter().cloned().zip(read.got.iter().cloned()).collect();
+        let Some(version) = read.got.first().map(|s| s.meta.version) else { return };
         let liars = read.liars.clone();
         let (net, data) = (self.net.clone(), data.to_vec());
         tokio::spawn(async move {
-            let Ok(Ok((id, correct))) = tokio::task::spawn_blocking(move || make_stripe(code, &data)).await else { return };
+            let Ok(Ok((id, correct))) = tokio::task::spawn_blocking(move || make_stripe_as(version, code, &data)).await else { return };
             if id != stripe {
                 return;
             }
@@ -737,7 +738,7 @@ mod tests {
         let mut forged = shards[0].data.to_vec();
         forged[10] ^= 0xff;
         shards[0].data = forged.into();
-        shards[0].meta.shard_hash = Id::sha1(&shards[0].data);
+        shards[0].meta = shards[0].meta.rehashed(&shards[0].data);
         assert_eq!(assemble_any(s, code, data.len(), &shards).unwrap(), data);
         assert_eq!(assemble_any_noting(s, code, data.len(), &shards).unwrap(), (data.clone(), true), "the forged first shard is noted");
         assert!(assemble_any(s, code, data.len(), &shards[..2]).is_err());

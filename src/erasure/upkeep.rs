@@ -24,7 +24,7 @@
 //! Drain runs the hand-off step as if we were already out of every set.
 
 use super::placement::distinct_peers;
-use super::stripe::{make_stripe, Shard, ShardMeta};
+use super::stripe::{make_stripe_as, Shard, ShardMeta};
 use super::client::assemble_any;
 use super::Code;
 use crate::blockstore::{BlockKey, DiskImage};
@@ -100,6 +100,8 @@ pub struct DrainReport {
 #[derive(Clone, Debug)]
 struct LocalStripe {
     stripe: Id,
+    /// The header version of its shards, which names the hash of its key.
+    version: u8,
     code: Code,
     len: u32,
     /// Intact shard indexes held here.
@@ -127,7 +129,7 @@ fn local_stripes(store: &DiskImage) -> (Vec<LocalStripe>, Vec<BlockKey>) {
             }
             continue;
         };
-        let e = by_prefix.entry(prefix).or_insert(LocalStripe { stripe: meta.stripe, code: meta.code, len: meta.stripe_len, mask: 0, corrupt: 0 });
+        let e = by_prefix.entry(prefix).or_insert(LocalStripe { stripe: meta.stripe, version: meta.version, code: meta.code, len: meta.stripe_len, mask: 0, corrupt: 0 });
         if corrupt.contains(&key) {
             e.corrupt |= 1 << index;
         } else {
@@ -510,8 +512,8 @@ impl Upkeep {
     }
 
     async fn reencode(&self, s: &LocalStripe, data: Vec<u8>) -> Option<Vec<Shard>> {
-        let code = s.code;
-        let (id, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &data)).await.ok()?.ok()?;
+        let (code, version) = (s.code, s.version);
+        let (id, shards) = tokio::task::spawn_blocking(move || make_stripe_as(version, code, &data)).await.ok()?.ok()?;
         (id == s.stripe).then_some(shards)
     }
 

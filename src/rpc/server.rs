@@ -281,7 +281,7 @@ impl Peer for PeerService {
                 let mut forged = data.to_vec();
                 super::fault::flip(&mut forged);
                 data = forged.into();
-                meta_bytes = ShardMeta::new(meta.code, meta.index, meta.stripe, meta.stripe_len as usize, &data).encode();
+                meta_bytes = meta.rehashed(&data).encode();
             }
             if r.lazy {
                 state.store.put_unsynced(&key, &meta_bytes, &data).map_err(store_status)
