@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".mutualstore.v1.PutShardRequest.data")
         .bytes(".mutualstore.v1.GetShardResponse.data")
+        // prost's codec with whole-message buffers (see src/rpc/codec.rs).
+        .codec_path("crate::rpc::codec::ProstCodec")
         .build_client(true)
         .build_server(true)
         .compile_protos(&["proto/mutualstore.proto"], &["proto"])?;

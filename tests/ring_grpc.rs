@@ -180,6 +180,16 @@ async fn the_wire_refuses_bad_input_with_clear_status() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // A shard whose bytes do not match its header (length or CRC) is refused; the same
+    // shard intact is taken.
+    let (_, shards) = mutualstore::erasure::stripe::make_stripe(mutualstore::erasure::Code::new(2, 1).unwrap(), &[5u8; 5000]).unwrap();
+    let mut damaged = shards[0].data.to_vec();
+    damaged[100] ^= 1;
+    let e = c.put_shard(pb::PutShardRequest { meta: shards[0].meta.encode(), data: damaged.into(), lazy: false }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = c.put_shard(pb::PutShardRequest { meta: shards[0].meta.encode(), data: shards[0].data.slice(1..), lazy: false }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    c.put_shard(pb::PutShardRequest { meta: shards[0].meta.encode(), data: shards[0].data.clone(), lazy: false }).await.unwrap();
     // A message over the size limit is refused by the transport, not buffered.
     let huge = vec![0u8; mutualstore::rpc::MAX_MESSAGE_BYTES + 1024];
     let mut big = raw_client(&peers[0].addr).await.max_encoding_message_size(usize::MAX);

@@ -304,7 +304,7 @@ impl DiskImage {
 
     /// Durable on return. Replaces an existing block with the same key.
     pub fn put(&self, key: &BlockKey, meta: &[u8], data: &[u8]) -> Result<(), StoreError> {
-        self.put_with(key, meta, data, true)
+        self.put_inner(key, meta, data, None, true)
     }
 
     /// Like `put`, but without waiting for the disk: the block is in the OS's page
@@ -313,7 +313,15 @@ impl DiskImage {
     /// leaves each block whole or absent, by checksum; what a power loss can undo is
     /// the latest unsynced versions.
     pub fn put_unsynced(&self, key: &BlockKey, meta: &[u8], data: &[u8]) -> Result<(), StoreError> {
-        self.put_with(key, meta, data, false)
+        self.put_inner(key, meta, data, None, false)
+    }
+
+    /// `put` (`durable`) or `put_unsynced` of data whose CRC-32C the caller already
+    /// computed (to check it against what the sender said): the image records that CRC
+    /// rather than reading the bytes a second time.
+    pub fn put_with_crc(&self, key: &BlockKey, meta: &[u8], data: &[u8], crc: u32, durable: bool) -> Result<(), StoreError> {
+        debug_assert_eq!(crc, crc32c::crc32c(data));
+        self.put_inner(key, meta, data, Some(crc), durable)
     }
 
     /// Makes every earlier `put_unsynced` durable.
@@ -327,9 +335,9 @@ impl DiskImage {
         Ok(())
     }
 
-    fn put_with(&self, key: &BlockKey, meta: &[u8], data: &[u8], durable: bool) -> Result<(), StoreError> {
+    fn put_inner(&self, key: &BlockKey, meta: &[u8], data: &[u8], crc: Option<u32>, durable: bool) -> Result<(), StoreError> {
         check_sizes(meta, data)?;
-        let r = self.put_writes(key, meta, data, durable);
+        let r = self.put_writes(key, meta, data, crc.unwrap_or_else(|| crc32c::crc32c(data)), durable);
         if !durable {
             // Raised after the writes, not before: a `sync_now` between raising it and
             // writing would lower it with these writes still to come, and the next one
@@ -339,9 +347,9 @@ impl DiskImage {
         r
     }
 
-    fn put_writes(&self, key: &BlockKey, meta: &[u8], data: &[u8], durable: bool) -> Result<(), StoreError> {
+    fn put_writes(&self, key: &BlockKey, meta: &[u8], data: &[u8], crc: u32, durable: bool) -> Result<(), StoreError> {
         let res = self.reserve(units_for(data.len()), durable)?;
-        let header = Header::block(key, meta, data.len(), crc32c::crc32c(data), res.seq);
+        let header = Header::block(key, meta, data.len(), crc, res.seq);
         if let Err(e) = self.write_record_with(&res, &header, data, durable) {
             if let Err(e2) = self.free_extent(res.unit, res.units, durable) {
                 log::warn!(
@@ -676,11 +684,29 @@ impl DiskImage {
         self.file
             .write_all_at(&ZEROS[..pad.min(ZEROS.len())], data_end)?;
         if !durable {
-            return self.write_header(res.unit, header);
+            self.write_header(res.unit, header)?;
+            if data.len() >= EARLY_WRITEBACK_BYTES {
+                self.start_writeback(base, res.units * UNIT);
+            }
+            return Ok(());
         }
         self.sync()?;
         self.write_header(res.unit, header)?;
         self.sync()
+    }
+
+    /// Asks the kernel to start writing a lazily written record to disk now, without
+    /// waiting for it: otherwise the pages sit dirty until the next `sync_now` (a file's
+    /// fsync, or the peer's second tick), and that sync then waits for all of them at
+    /// once while the CPUs idle — a tenth of a 512 MiB write+fsync through the mount.
+    /// Only a head start: durability still comes from `sync_now`.
+    fn start_writeback(&self, at: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on our own open descriptor; no memory is passed.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), at as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+        if r != 0 {
+            log::debug!("sync_file_range: {}", io::Error::last_os_error());
+        }
     }
 
     /// Publishes a durable record in the index and frees whichever version
@@ -852,6 +878,10 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), StoreError> {
 
 /// Reads at or above this size bypass the page cache.
 const DIRECT_READ_MIN: usize = 256 << 10;
+/// Lazily written records this large (shards, not metadata records) start their
+/// writeback at once (`DiskImage::start_writeback`).
+const EARLY_WRITEBACK_BYTES: usize = 256 << 10;
+
 /// O_DIRECT alignment of offsets, lengths and buffers (the largest logical block size
 /// in use; 4 KiB is also the image's unit).
 const DIRECT_ALIGN: usize = 4096;

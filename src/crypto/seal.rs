@@ -97,7 +97,12 @@ impl FileKey {
 
     /// Header ++ ciphertext ++ tag of `plain`, bound to `context`.
     pub fn seal(&self, purpose: Purpose, context: &[u8], plain: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
+        self.seal_with_room(purpose, context, plain, 0)
+    }
+
+    /// `seal`, into a buffer with `room` bytes of spare capacity (for a stripe's padding).
+    pub fn seal_with_room(&self, purpose: Purpose, context: &[u8], plain: &[u8], room: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plain.len() + OVERHEAD + room);
         out.extend_from_slice(purpose.magic());
         let mut salt = [0u8; HEADER - 4];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt).expect("the OS random source works");

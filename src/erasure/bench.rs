@@ -35,7 +35,7 @@ pub fn run(code: Code, shard_bytes: usize, rounds: usize) -> Result<CodecBench, 
     let data: Vec<u8> = (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[1]).collect();
     let shards = encode(code, &data).map_err(|e| e.to_string())?;
     // Decode the hard way: the first m data shards are missing.
-    let mut slots: Vec<Option<Vec<u8>>> = shards.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<bytes::Bytes>> = shards.into_iter().map(Some).collect();
     for s in slots.iter_mut().take(code.m.min(code.k) as usize) {
         *s = None;
     }

@@ -12,7 +12,8 @@
 //! bytes itself, `read_stripe_opened`); a shard that fails its hash is never used.
 
 use super::placement::distinct_peers;
-use super::stripe::{assemble, decode_unchecked, make_stripe, make_stripe_as, Shard};
+use super::codec;
+use super::stripe::{assemble, decode_unchecked, make_stripe_as, make_stripe_padded, Shard};
 use super::Code;
 use crate::ring::driver::{self, Walk};
 use crate::ring::{Id, NetError};
@@ -250,8 +251,12 @@ impl StripeClient {
         Ok(())
     }
 
-    async fn write_stripe_as(&self, data: Vec<u8>, lazy: bool) -> Result<Id, StripeError> {
-        let data = Arc::new(data);
+    async fn write_stripe_as(&self, mut data: Vec<u8>, lazy: bool) -> Result<Id, StripeError> {
+        // Zero padding for any code tried below (they only get narrower), so the data
+        // shards are slices of this one buffer; free when the caller left room for it.
+        let len = data.len();
+        data.resize(len + codec::pad_room(self.code.k), 0);
+        let data = bytes::Bytes::from(data);
         let mut code = match *self.narrowed.lock() {
             Some((c, until)) if Instant::now() < until && c.k < self.code.k => c,
             _ => self.code,
@@ -261,7 +266,7 @@ impl StripeClient {
         while attempt < WRITE_ATTEMPTS {
             let total = code.total() as usize;
             let d = data.clone();
-            let (stripe, shards) = tokio::task::spawn_blocking(move || make_stripe(code, &d))
+            let (stripe, shards) = tokio::task::spawn_blocking(move || make_stripe_padded(code, d, len))
                 .await
                 .map_err(|e| StripeError::Internal(format!("encode task failed: {e}")))?
                 .map_err(|e| StripeError::Internal(e.to_string()))?;
@@ -691,6 +696,7 @@ fn next_combination(pick: &mut [usize], n: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::erasure::stripe::make_stripe;
     use crate::ring::Contact;
 
     #[test]

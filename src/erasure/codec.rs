@@ -29,29 +29,48 @@ pub fn shard_len(code: Code, len: usize) -> usize {
 }
 
 /// All k+m shards of `data`, data shards first.
-pub fn encode(code: Code, data: &[u8]) -> Result<Vec<Vec<u8>>, CodecError> {
-    let (k, m) = (code.k as usize, code.m as usize);
+pub fn encode(code: Code, data: &[u8]) -> Result<Vec<bytes::Bytes>, CodecError> {
     let sl = shard_len(code, data.len());
-    let mut shards: Vec<Vec<u8>> = (0..k)
-        .map(|i| {
-            let from = (i * sl).min(data.len());
-            let to = ((i + 1) * sl).min(data.len());
-            let mut s = Vec::with_capacity(sl);
-            s.extend_from_slice(&data[from..to]);
-            s.resize(sl, 0);
-            s
-        })
-        .collect();
+    let mut padded = Vec::with_capacity(code.k as usize * sl);
+    padded.extend_from_slice(data);
+    encode_padded(code, padded.into(), data.len())
+}
+
+/// Room past a stripe's bytes that `encode_padded` needs to cut every data shard out of
+/// the buffer itself, for any code of at most `k` data shards.
+pub fn pad_room(k: u8) -> usize {
+    k as usize * SHARD_ALIGN
+}
+
+/// All k+m shards of the stripe `data[..len]`, data shards first. When `data` holds
+/// zeros from `len` to k shard lengths (see `pad_room`), the data shards are slices of it:
+/// a sequential write no longer copies every byte into shards of their own. Otherwise the
+/// stripe is copied into a padded buffer first.
+pub fn encode_padded(code: Code, data: bytes::Bytes, len: usize) -> Result<Vec<bytes::Bytes>, CodecError> {
+    let (k, m) = (code.k as usize, code.m as usize);
+    let sl = shard_len(code, len);
+    if len > data.len() {
+        return Err(CodecError::BadStripeLength { len, k, shard_len: sl });
+    }
+    let data = if data.len() >= k * sl && data[len..k * sl].iter().all(|&b| b == 0) {
+        data
+    } else {
+        let mut v = Vec::with_capacity(k * sl);
+        v.extend_from_slice(&data[..len]);
+        v.resize(k * sl, 0);
+        bytes::Bytes::from(v)
+    };
+    let mut shards: Vec<bytes::Bytes> = (0..k).map(|i| data.slice(i * sl..(i + 1) * sl)).collect();
     if m == 1 {
         let mut parity = vec![0u8; sl];
         for s in &shards {
             xor_into(&mut parity, s);
         }
-        shards.push(parity);
+        shards.push(parity.into());
         return Ok(shards);
     }
     let parity = reed_solomon_simd::encode(k, m, &shards).map_err(|e| CodecError::Codec(e.to_string()))?;
-    shards.extend(parity);
+    shards.extend(parity.into_iter().map(bytes::Bytes::from));
     Ok(shards)
 }
 
@@ -139,6 +158,24 @@ mod tests {
     }
 
     #[test]
+    fn padded_stripes_are_cut_in_place_and_only_zero_padding_counts_as_padding() {
+        let c = code(4, 2);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let want = encode(c, &data).unwrap();
+        let mut padded = data.clone();
+        padded.resize(data.len() + pad_room(4), 0);
+        let buf = bytes::Bytes::from(padded);
+        let got = encode_padded(c, buf.clone(), data.len()).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(got[0].as_ptr(), buf.as_ptr(), "data shards are slices of the buffer");
+        // Bytes past `len` that are not zeros are not padding: the stripe is copied.
+        let mut dirty = data.clone();
+        dirty.resize(data.len() + pad_room(4), 7);
+        assert_eq!(encode_padded(c, dirty.into(), data.len()).unwrap(), want);
+        assert!(encode_padded(c, bytes::Bytes::from(data.clone()), data.len() + 1).is_err());
+    }
+
+    #[test]
     fn xor_parity_is_the_xor_of_the_data_shards() {
         let c = code(3, 1);
         let data: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
@@ -150,14 +187,14 @@ mod tests {
     #[test]
     fn too_few_shards_is_an_error_not_garbage() {
         let c = code(4, 2);
-        let s: Vec<Option<Vec<u8>>> = encode(c, b"hello world").unwrap().into_iter().map(Some).collect();
+        let s: Vec<Option<bytes::Bytes>> = encode(c, b"hello world").unwrap().into_iter().map(Some).collect();
         let mut lost = s.clone();
         lost[0] = None;
         lost[2] = None;
         lost[5] = None;
         assert_eq!(decode(c, 11, &lost), Err(CodecError::TooFewShards { need: 4, have: 3 }));
         let mut short = s.clone();
-        short[1] = Some(vec![0; 3]);
+        short[1] = Some(vec![0; 3].into());
         assert!(matches!(decode(c, 11, &short), Err(CodecError::BadShardLength { index: 1, .. })));
     }
 
@@ -172,7 +209,7 @@ mod tests {
             let shards = encode(c, &data).unwrap();
             prop_assert_eq!(shards.len(), (k + m) as usize);
             // Pick up to m distinct shards to lose from the bit pattern.
-            let mut slots: Vec<Option<Vec<u8>>> = shards.into_iter().map(Some).collect();
+            let mut slots: Vec<Option<bytes::Bytes>> = shards.into_iter().map(Some).collect();
             let mut lost = 0;
             for i in 0..slots.len() {
                 if lost < m as usize && lost_bits & (1 << i) != 0 {
@@ -191,7 +228,7 @@ mod tests {
         let shards = encode(c, &data).unwrap();
         for a in 0..6 {
             for b in a..6 {
-                let mut slots: Vec<Option<Vec<u8>>> = shards.iter().cloned().map(Some).collect();
+                let mut slots: Vec<Option<bytes::Bytes>> = shards.iter().cloned().map(Some).collect();
                 slots[a] = None;
                 slots[b] = None;
                 assert!(decode(c, data.len(), &slots).unwrap() == data, "lost {a} and {b}");

@@ -36,9 +36,10 @@ impl ChunkCache {
         ChunkCache { slots: Mutex::new((HashMap::new(), VecDeque::new())), cap, key }
     }
 
-    /// What is stored for a chunk of these bytes.
+    /// What is stored for a chunk of these bytes, with spare capacity for the stripe
+    /// writer's zero padding (`codec::pad_room`: no reallocation and copy of 4 MiB there).
     pub fn seal(&self, data: &[u8]) -> Vec<u8> {
-        self.key.seal(Purpose::Chunk, b"", data)
+        self.key.seal_with_room(Purpose::Chunk, b"", data, crate::erasure::codec::pad_room(crate::erasure::MAX_SHARDS))
     }
 
     fn slot(&self, key: Id) -> Slot {

@@ -3,6 +3,7 @@
 //! validated at the boundary (a bad message is `InvalidArgument`, never a panic).
 
 pub mod client;
+pub mod codec;
 pub mod coalesce;
 pub mod convert;
 pub mod fault;

@@ -265,29 +265,27 @@ impl Peer for PeerService {
         if self.state.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("this peer is draining and takes no new shards"));
         }
-        // The hash check runs on the pool with the write: a 4 MiB shard takes milliseconds.
+        // The check runs on the pool with the write: a CRC of 1 MiB is ~0.1 ms.
         self.on_pool(move |state| {
-            if !meta.verifies(&r.data) {
+            let crc = crc32c::crc32c(&r.data);
+            if !meta.arrived_intact(&r.data, crc) {
                 return Err(Status::invalid_argument(format!(
-                    "shard {} of stripe {}: {} bytes that do not match the header's length or hash",
+                    "shard {} of stripe {}: {} bytes that do not match the header's length or checksum",
                     meta.index,
                     meta.stripe.to_hex(),
                     r.data.len()
                 )));
             }
             let key = meta.block_key();
-            let (mut meta_bytes, mut data) = (r.meta, r.data);
+            let (mut meta_bytes, mut data, mut crc) = (r.meta, r.data, crc);
             if state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
                 let mut forged = data.to_vec();
                 super::fault::flip(&mut forged);
                 data = forged.into();
                 meta_bytes = meta.rehashed(&data).encode();
+                crc = crc32c::crc32c(&data);
             }
-            if r.lazy {
-                state.store.put_unsynced(&key, &meta_bytes, &data).map_err(store_status)
-            } else {
-                state.store.put(&key, &meta_bytes, &data).map_err(store_status)
-            }
+            state.store.put_with_crc(&key, &meta_bytes, &data, crc, !r.lazy).map_err(store_status)
         })
         .await?;
         Ok(Response::new(pb::Empty {}))
