@@ -366,3 +366,31 @@ async fn lazy_stripes_are_synced_and_a_sync_missing_two_peers_fails() {
         assert!(c.read_stripe(s, Some(data.len())).await.unwrap() == data, "stripe {} reads back wrong", s.to_hex());
     }
 }
+
+/// A mount's unmount with deletes still queued: the reclaimer deletes them at once, however
+/// long their delay, and ends (it used to sleep out each queued delay after the shutdown,
+/// then wait forever, and the mount gave up on it after 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_deletes_what_is_queued_at_once_and_the_reclaimer_ends() {
+    use mutualstore::erasure::client::StripeClient;
+    use mutualstore::fs::chunk::Reclaimer;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "1GiB", 600.0);
+    ring.wait_ring(LONG).await;
+    let net = std::sync::Arc::new(ring.net());
+    let (_, code) = net.hello(&ring.addr(0), "").await.unwrap();
+    let c = StripeClient::new(net, vec![ring.addr(0)], code);
+    let a = c.write_stripe(bytes(MIB, 7)).await.unwrap();
+    let b = c.write_stripe(bytes(MIB, 8)).await.unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (reclaimer, task) = Reclaimer::start(c.clone(), Duration::from_secs(3600), rx);
+    reclaimer.reclaim(vec![a]);
+    reclaimer.reclaim(vec![b]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task).await.expect("the reclaimer ends soon after the shutdown").unwrap();
+    assert_eq!(reclaimer.pending.load(std::sync::atomic::Ordering::Relaxed), 0, "every queued stripe was deleted");
+    for s in [a, b] {
+        assert!(c.read_stripe(s, Some(MIB)).await.is_err(), "stripe {} still readable", s.to_hex());
+    }
+}

@@ -115,16 +115,21 @@ impl Reclaimer {
         let p2 = pending.clone();
         let task = tokio::spawn(async move {
             let mut shutdown = shutdown;
+            // `wait_for`, not `changed`: once seen, a change is not seen again, and a loop
+            // that waited on `changed` after shutdown slept out each queued delay and then
+            // hung until the mount gave up on it (60 s after every unmount with deletes
+            // queued). The error (sender gone) counts as shutdown too.
             loop {
                 let item = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|down| *down) => None,
                     i = rx.recv() => i,
-                    _ = shutdown.changed() => None,
                 };
                 let Some((due, keys)) = item else { break };
                 let wait = (due + delay).saturating_duration_since(Instant::now());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.changed() => {}
+                    _ = shutdown.wait_for(|down| *down) => {}
                 }
                 delete_stripes(&client, &keys, &p2).await;
             }
