@@ -327,19 +327,25 @@ async fn a_small_ring_writes_narrower_stripes_and_a_tiny_one_is_refused() {
     panic!("the refusal never named the reason: {last}");
 }
 
+/// Six peers (4+2) up and linked, and a stripe client of the ring's code.
+async fn six_peers_and_a_stripe_client(dir: &Path) -> (ProcRing, mutualstore::erasure::client::StripeClient) {
+    let ring = ProcRing::start(&dir.join("ring"), 6, "4+2", "1GiB", 600.0);
+    ring.wait_ring(LONG).await;
+    let net = std::sync::Arc::new(ring.net());
+    let (_, code) = net.hello(&ring.addr(0), "").await.unwrap();
+    let c = mutualstore::erasure::client::StripeClient::new(net, vec![ring.addr(0)], code);
+    (ring, c)
+}
+
 /// Stripes written lazily (a mount's chunks) are put on disk by `sync_lazy`: it succeeds
 /// with every peer up and with one peer not answering (each stripe still has k durable
 /// shards), fails with two peers that took shards gone rather than promise what it cannot,
 /// and what was written reads back either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_stripes_are_synced_and_a_sync_missing_two_peers_fails() {
-    use mutualstore::erasure::client::{StripeClient, StripeError};
+    use mutualstore::erasure::client::StripeError;
     let dir = tempfile::tempdir().unwrap();
-    let mut ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "1GiB", 600.0);
-    ring.wait_ring(LONG).await;
-    let net = std::sync::Arc::new(ring.net());
-    let (_, code) = net.hello(&ring.addr(0), "").await.unwrap();
-    let c = StripeClient::new(net, vec![ring.addr(0)], code);
+    let (mut ring, c) = six_peers_and_a_stripe_client(dir.path()).await;
 
     let a = bytes(3 * MIB, 1);
     let sa = c.write_stripe_lazy(a.clone()).await.unwrap();
@@ -372,14 +378,9 @@ async fn lazy_stripes_are_synced_and_a_sync_missing_two_peers_fails() {
 /// then wait forever, and the mount gave up on it after 60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_deletes_what_is_queued_at_once_and_the_reclaimer_ends() {
-    use mutualstore::erasure::client::StripeClient;
     use mutualstore::fs::chunk::Reclaimer;
     let dir = tempfile::tempdir().unwrap();
-    let mut ring = ProcRing::start(&dir.path().join("ring"), 6, "4+2", "1GiB", 600.0);
-    ring.wait_ring(LONG).await;
-    let net = std::sync::Arc::new(ring.net());
-    let (_, code) = net.hello(&ring.addr(0), "").await.unwrap();
-    let c = StripeClient::new(net, vec![ring.addr(0)], code);
+    let (_ring, c) = six_peers_and_a_stripe_client(dir.path()).await;
     let a = c.write_stripe(bytes(MIB, 7)).await.unwrap();
     let b = c.write_stripe(bytes(MIB, 8)).await.unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
