@@ -13,7 +13,7 @@
 
 use super::placement::distinct_peers;
 use super::codec;
-use super::stripe::{assemble, decode_unchecked, make_stripe_as, make_stripe_padded, Shard};
+use super::stripe::{assemble, decode_unchecked, make_stripe_as, make_stripe_padded, Shard, HASH_V2_SHA1, HASH_V3};
 use super::Code;
 use crate::ring::driver::{self, Walk};
 use crate::ring::{Id, NetError};
@@ -552,14 +552,18 @@ impl StripeClient {
     fn repair_in_background(&self, read: &Read, data: &[u8]) {
         let (Some(code), stripe) = (read.code, read.stripe) else { return };
         let served: Vec<(NetAddr, Shard)> = read.from.iter().cloned().zip(read.got.iter().cloned()).collect();
-        let Some(version) = read.got.first().map(|s| s.meta.version) else { return };
         let liars = read.liars.clone();
         let (net, data) = (self.net.clone(), data.to_vec());
         tokio::spawn(async move {
-            let Ok(Ok((id, correct))) = tokio::task::spawn_blocking(move || make_stripe_as(version, code, &data)).await else { return };
-            if id != stripe {
+            // The stripe's hash is the one whose key re-encoding gives back, not the one
+            // some served shard's header claims (a liar's header could name the other).
+            let Ok(Some(correct)) = tokio::task::spawn_blocking(move || {
+                [HASH_V3, HASH_V2_SHA1].into_iter().find_map(|v| make_stripe_as(v, code, &data).ok().filter(|(id, _)| *id == stripe).map(|(_, shards)| shards))
+            })
+            .await
+            else {
                 return;
-            }
+            };
             let mut fixes: Vec<(NetAddr, u8)> = served.iter().filter(|(_, sh)| sh.data != correct[sh.meta.index as usize].data).map(|(p, sh)| (p.clone(), sh.meta.index)).collect();
             for p in liars {
                 if let Ok(masks) = net.holdings(&p, &[stripe]).await {
