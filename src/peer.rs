@@ -222,11 +222,12 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
     let store = Arc::new(store);
     let node = Arc::new(Mutex::new(node));
+    let started = Instant::now();
     let state = Arc::new(PeerState {
-        records: crate::meta::store::RecordStore::new(node.clone(), store.clone(), net.clone(), addr.clone()),
+        records: crate::meta::store::RecordStore::new(node.clone(), store.clone(), net.clone(), addr.clone(), started),
         node,
         store,
-        started: Instant::now(),
+        started,
         code,
         upkeep: Mutex::new(Default::default()),
         draining: std::sync::atomic::AtomicBool::new(false),

@@ -273,3 +273,65 @@ async fn primaries_replicating_to_each_other_do_not_wait_on_each_other() {
         p.stop_abruptly().await;
     }
 }
+
+/// A settled primary answers a read alone (one call instead of two) for what it wrote,
+/// a peer that is not the primary never claims to, and a copy that changed behind the
+/// primary's back (a replica's put, as another primary's write would be) is checked
+/// against the replicas again before the primary answers alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_primary_answers_alone_only_for_what_it_vouched_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Code 2+2: records have three copies, so a read needs two answers unless the
+    // primary can answer alone (with 2+1 every read takes one answer anyway).
+    let mut peers: Vec<mutualstore::peer::RunningPeer> = Vec::new();
+    for i in 0..4 {
+        let join = peers.first().map(|p| p.addr.clone());
+        let mut cfg = peer_config(&tmp.path().join(format!("p{i}")), GIB, join.as_ref());
+        cfg.code = Some(mutualstore::erasure::Code::new(2, 2).unwrap());
+        peers.push(mutualstore::peer::start(cfg).await.unwrap());
+    }
+    let refs: Vec<_> = peers.iter().collect();
+    assert_eq!(wait_converged(&refs, Duration::from_secs(30)).await, (0, 0));
+    let c = client(&peers[0].addr).await;
+    assert_eq!(c.replicas, 3);
+    let net = c.stripes.net.clone();
+    let k = Id::sha1(b"vouched record");
+    assert_eq!(c.cas(k, 0, Some(b"one".to_vec())).await.unwrap(), Swap::Done(1));
+    let set = c.stripes.peers_for(k, c.replicas).await.unwrap();
+    assert_eq!(set.len(), 3);
+    let (primary, others) = (&set[0], &set[1..]);
+
+    // Neighbour confirmations come with the next maintenance rounds (every 100 ms here).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (f, alone) = loop {
+        let (f, alone) = net.get_record_as(primary, k, 0, Some(others)).await.unwrap();
+        if alone || tokio::time::Instant::now() > deadline {
+            break (f, alone);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(alone, "the primary of a settled 4-peer ring never answered alone");
+    match f {
+        mutualstore::meta::Fetched::Got(r) => assert_eq!((r.version, r.data.as_slice()), (1, b"one".as_slice())),
+        other => panic!("asked with no known version, got {other:?}"),
+    }
+    let (_, alone) = net.get_record_as(&set[1], k, 0, Some(&[set[0].clone(), set[2].clone()])).await.unwrap();
+    assert!(!alone, "a replica that does not own the key answered as its primary");
+
+    // Version 2 lands on the primary's copy without its CAS (another primary's write
+    // reaching it as a replica): not vouched for, so the primary asks the replicas,
+    // which hold version 1, and answers with the newest of all, 2.
+    let v2 = mutualstore::meta::Record { version: 2, deleted: false, data: b"two".to_vec() };
+    assert_eq!(net.put_record(primary, k, &v2, false).await.unwrap(), 2);
+    let (f, _) = net.get_record_as(primary, k, 1, Some(others)).await.unwrap();
+    assert_eq!(f.version(), 2);
+    let r = c.get(k).await.unwrap();
+    assert_eq!((r.version, r.data.as_slice()), (2, b"two".as_slice()));
+    // The primary checked the replicas for its read: their copies of version 1 are what
+    // it found behind, and it vouches for 2 now.
+    let (_, alone) = net.get_record_as(primary, k, 2, Some(others)).await.unwrap();
+    assert!(alone, "after checking the replicas the primary still does not vouch for version 2");
+    for p in peers {
+        p.stop_abruptly().await;
+    }
+}

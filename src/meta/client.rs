@@ -1,7 +1,7 @@
 //! The writer's and reader's side of records: find the replica set, read the newest
 //! copy, compare-and-swap through the primary, route around replicas that fail.
 
-use super::{CasOutcome, Fetched, Record};
+use super::{read_quorum, CasOutcome, Fetched, Record};
 use crate::erasure::client::StripeClient;
 use crate::ring::{Id, NetError};
 use crate::rpc::NetAddr;
@@ -41,17 +41,6 @@ pub enum Swap {
     Done(u64),
     /// Someone else wrote first; the current record.
     Conflict(Record),
-}
-
-/// Answers a read waits for from a replica set of `copies`: writes are acknowledged
-/// with all copies but one, so any two replicas include one with the newest version
-/// (one if the set has only two copies, which writes both).
-fn read_quorum(copies: usize) -> usize {
-    if copies >= 3 {
-        2
-    } else {
-        1
-    }
 }
 
 /// One record read's answers so far: the newest copy that passed authentication, and
@@ -204,41 +193,47 @@ impl RecordClient {
             };
             let net = &self.stripes.net;
             let need = read_quorum(set.len());
-            // The first `need` replicas are asked at once (the primary first: it has
-            // every acknowledged write), the others only when one of those fails or is
-            // slow: asking all of them cost every read a third more calls on the peers.
-            let ask = |a: &NetAddr| {
+            // The primary is asked first, alone, to answer as primary: it has every
+            // acknowledged write, and while its arc is settled it can say that its copy
+            // is the newest (`RecordStore::get_primary`), which spares a call to a second
+            // replica on every read. The other replicas are asked when it cannot say so,
+            // fails, or has not answered within READ_HEDGE.
+            let ask = |a: &NetAddr, as_primary: bool| {
                 let a = a.clone();
+                let others = &set[1..];
                 async move {
-                    let r = net.get_record(&a, key, known).await;
-                    (a, r)
+                    let r = net.get_record_as(&a, key, known, (as_primary && need > 1).then_some(others)).await;
+                    let authoritative = r.as_ref().is_ok_and(|x| x.1);
+                    (a, r.map(|x| x.0), authoritative)
                 }
             };
-            let mut pending: FuturesUnordered<_> = set.iter().take(need).map(ask).collect();
-            let mut unasked = set.iter().skip(need);
+            let mut pending: FuturesUnordered<_> = std::iter::once(ask(&set[0], true)).collect();
+            let mut unasked = set.iter().skip(1);
             let hedge = tokio::time::sleep(READ_HEDGE);
             tokio::pin!(hedge);
             let mut hedged = false;
             let mut g = Gathered::new(known);
             loop {
-                let (a, r) = tokio::select! {
+                let (a, r, authoritative) = tokio::select! {
                     next = pending.next() => match next {
                         Some(x) => x,
                         None => break,
                     },
                     _ = &mut hedge, if !hedged => {
                         hedged = true;
-                        pending.extend(unasked.by_ref().map(ask));
+                        pending.extend(unasked.by_ref().map(|a| ask(a, false)));
                         continue;
                     }
                 };
                 let counted = g.take(self, key, a, r);
-                if g.answered >= need {
+                if g.answered >= need || (counted && authoritative) {
                     break;
                 }
-                if !counted {
-                    // No answer from that one: ask another now.
-                    pending.extend(unasked.by_ref().take(1).map(ask));
+                // Short of a quorum: ask as many more as it still takes.
+                let short = need - g.answered;
+                if pending.len() < short {
+                    let more = short - pending.len();
+                    pending.extend(unasked.by_ref().take(more).map(|a| ask(a, false)));
                 }
             }
             if g.answered == 0 {
@@ -250,9 +245,12 @@ impl RecordClient {
         Err(MetaError::Unavailable { key: key.to_hex(), why })
     }
 
-    /// `get_newer` for many records at once, as one call per replica peer rather than
-    /// one per record and replica: what a listing's prefetch costs the ring. A record
-    /// whose batched answers fall short (a peer failed or left it out) is read alone.
+    /// Many records at once, as one call per peer rather than one per record: what a
+    /// listing's prefetch costs the ring. Only each record's primary is asked: it holds
+    /// every acknowledged write, and what this fills is the attribute cache, whose
+    /// copies may be ATTR_TTL old anyway (an open still reads with `get_newer`); asking
+    /// a second replica doubled the calls of every listing. A record whose primary
+    /// failed or left it out is read alone, with `get_newer`.
     pub async fn get_newer_many(&self, keys: &[(Id, u64)]) -> Vec<Result<Option<Record>, MetaError>> {
         // A few walks at a time: with a cold walk cache each may be a lookup, and one
         // answer places a whole arc of keys for the rest.
@@ -262,10 +260,8 @@ impl RecordClient {
         let mut by_peer: HashMap<NetAddr, Vec<usize>> = HashMap::new();
         for (i, set) in sets.iter().enumerate() {
             if let Ok(set) = set {
-                need[i] = read_quorum(set.len());
-                for a in set.iter().take(need[i]) {
-                    by_peer.entry(a.clone()).or_default().push(i);
-                }
+                need[i] = 1;
+                by_peer.entry(set[0].clone()).or_default().push(i);
             }
         }
         let net = &self.stripes.net;

@@ -91,3 +91,14 @@ pub enum CasOutcome {
     /// Written as `version` on the primary but not on `failed`.
     Partial { version: u64, failed: Vec<crate::rpc::NetAddr> },
 }
+
+/// Answers a read waits for from a replica set of `copies`: writes are acknowledged
+/// with all copies but one, so any two replicas include one with the newest version
+/// (one if the set has only two copies, which writes both).
+pub(crate) fn read_quorum(copies: usize) -> usize {
+    if copies >= 3 {
+        2
+    } else {
+        1
+    }
+}

@@ -19,6 +19,18 @@ const LOCKS: usize = 64;
 /// wrote or read from them. Only a change of primary (a join or failure next to the
 /// key) can make that untrue, and the ring takes longer than this to settle one.
 const AUTHORITY: Duration = Duration::from_millis(1000);
+/// How recently both ring neighbours must have confirmed a primary's view of its arc
+/// for it to answer a read alone (`Node::authority`): shorter than the time another
+/// peer needs to take the arc over (it must first find this one silent for a whole
+/// `RING_CALL_TIMEOUT`), longer than the 1 s between maintenance rounds.
+const READ_AUTHORITY_WINDOW: Duration = Duration::from_millis(crate::rpc::RING_CALL_TIMEOUT.as_millis() as u64 * 3 / 4);
+/// How long a primary's check of the replicas for a read may take before it answers
+/// without authority (the reader then asks them itself).
+const CONSULT_WAIT: Duration = Duration::from_millis(500);
+/// Keys whose authority a primary remembers; past this the map is emptied (reads then
+/// check the replicas again, once).
+const AUTHORITY_MAX: usize = 200_000;
+
 /// How long a CAS waits for the last replicas once enough have answered.
 const STRAGGLER_WAIT: Duration = Duration::from_millis(100);
 /// Lazy record writes reach the disk within this long (group commit).
@@ -51,12 +63,28 @@ pub struct RecordStore {
     /// hashes onto the same lock would wait on each other until the call timed out (this
     /// cost 2-13 s stalls on a 3-peer ring with many records in flight).
     write_locks: Arc<Vec<Mutex<()>>>,
-    /// Keys this peer recently wrote or checked as primary, with the version then.
-    authority: Mutex<HashMap<Id, (u64, Instant)>>,
+    /// Keys this peer wrote or checked as primary: the version then, when, and the
+    /// owning vnode's epoch if it held authority for the key then (`Node::authority`).
+    authority: Mutex<HashMap<Id, Vouched>>,
+    started: Instant,
+}
+
+#[derive(Clone, Copy)]
+struct Vouched {
+    version: u64,
+    at: Instant,
+    epoch: Option<(Id, u64)>,
+}
+
+/// A primary's answer to a read: the copy, and whether it is the newest there is (the
+/// primary vouched for it, or checked the replicas just now).
+pub struct PrimaryRead {
+    pub fetched: Fetched,
+    pub authoritative: bool,
 }
 
 impl RecordStore {
-    pub fn new(node: Arc<Mutex<Node<NetAddr>>>, store: Arc<DiskImage>, net: Arc<GrpcNet>, me: NetAddr) -> RecordStore {
+    pub fn new(node: Arc<Mutex<Node<NetAddr>>>, store: Arc<DiskImage>, net: Arc<GrpcNet>, me: NetAddr, started: Instant) -> RecordStore {
         RecordStore {
             node,
             store,
@@ -65,15 +93,32 @@ impl RecordStore {
             locks: (0..LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             write_locks: Arc::new((0..LOCKS).map(|_| Mutex::new(())).collect()),
             authority: Mutex::new(HashMap::new()),
+            started,
         }
     }
 
-    fn vouch(&self, key: Id, version: u64) {
+    /// The owning vnode and its epoch if this peer may answer for `key` alone now.
+    fn epoch(&self, key: Id) -> Option<(Id, u64)> {
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        self.node.lock().authority(key, now_ms, READ_AUTHORITY_WINDOW.as_millis() as u64)
+    }
+
+    /// Records that this peer, as primary, knows `version` is the newest of `key`;
+    /// `epoch0` is what `epoch` said before the write or check began: authority is kept
+    /// only if it held throughout.
+    fn vouch(&self, key: Id, version: u64, epoch0: Option<(Id, u64)>) {
+        let epoch = self.epoch(key).filter(|e| Some(*e) == epoch0);
         let mut a = self.authority.lock();
-        if a.len() > 100_000 {
-            a.retain(|_, (_, t)| t.elapsed() < AUTHORITY);
+        if a.len() >= AUTHORITY_MAX {
+            a.clear();
         }
-        a.insert(key, (version, Instant::now()));
+        a.insert(key, Vouched { version, at: Instant::now(), epoch });
+    }
+
+    /// Whether `version` is vouched for and the arc it was vouched under still holds.
+    fn authoritative(&self, key: Id, version: u64) -> bool {
+        let Some(v) = self.authority.lock().get(&key).copied() else { return false };
+        v.version == version && v.epoch.is_some() && v.epoch == self.epoch(key)
     }
 
     /// Whether this primary may skip asking the replicas: it wrote or checked this very
@@ -81,7 +126,7 @@ impl RecordStore {
     /// primary only in some writer's (outdated) view always asks, so two writers with
     /// different views cannot both skip the check that would show them each other.
     fn vouched(&self, key: Id, version: u64) -> bool {
-        self.authority.lock().get(&key).is_some_and(|(v, t)| *v == version && t.elapsed() < AUTHORITY) && self.node.lock().owner_of(key).as_ref() == Some(&self.me)
+        self.authority.lock().get(&key).is_some_and(|v| v.version == version && v.at.elapsed() < AUTHORITY) && self.node.lock().owner_of(key).as_ref() == Some(&self.me)
     }
 
     /// Puts lazy writes on disk (run every SYNC_EVERY by the peer).
@@ -108,11 +153,66 @@ impl RecordStore {
     }
 
     pub async fn get(&self, key: Id, known_version: u64) -> Result<Fetched, RecordError> {
-        let r = self.local(key).await?;
-        if known_version > 0 && r.version == known_version {
-            return Ok(Fetched::Unchanged(known_version));
+        Ok(fetched(self.local(key).await?, known_version))
+    }
+
+    /// A read that asks this peer to answer as the key's primary. It answers alone when
+    /// it vouched for its copy under the arc it still owns (every write since went
+    /// through it); otherwise, if it owns the key, it checks `replicas` as a reader
+    /// would (its copy and enough of theirs make a read quorum), and vouches for what it
+    /// found. Not the owner, or the check fell short: the copy without authority, and
+    /// the reader asks the replicas itself.
+    pub async fn get_primary(&self, key: Id, known: u64, replicas: Vec<NetAddr>) -> Result<PrimaryRead, RecordError> {
+        let local = self.local(key).await?;
+        if self.authoritative(key, local.version) {
+            return Ok(PrimaryRead { fetched: fetched(local, known), authoritative: true });
         }
-        Ok(Fetched::Got(r))
+        let epoch0 = self.epoch(key);
+        let replicas: Vec<NetAddr> = replicas.into_iter().filter(|a| *a != self.me).collect();
+        if epoch0.is_none() || replicas.is_empty() {
+            return Ok(PrimaryRead { fetched: fetched(local, known), authoritative: false });
+        }
+        // As a CAS does: no write of this key lands here while we look.
+        let _g = self.lock_for(key).lock().await;
+        let mut current = self.local(key).await?;
+        let held = current.version;
+        // This copy and the answers make a read quorum once they are `quorum` in all.
+        let quorum = super::read_quorum(replicas.len() + 1);
+        let mut asks: futures_util::stream::FuturesUnordered<_> = replicas
+            .iter()
+            .map(|a| {
+                let net = self.net.clone();
+                let a = a.clone();
+                async move { net.get_record(&a, key, held).await }
+            })
+            .collect();
+        let mut copies = 1;
+        let gathered = tokio::time::timeout(CONSULT_WAIT, async {
+            use futures_util::StreamExt;
+            while copies < quorum {
+                match asks.next().await {
+                    None => break,
+                    Some(Ok(Fetched::Got(r))) => {
+                        copies += 1;
+                        if r.version > current.version {
+                            current = r;
+                        }
+                    }
+                    Some(Ok(Fetched::Unchanged(_))) => copies += 1,
+                    Some(Err(_)) => {}
+                }
+            }
+        })
+        .await;
+        if gathered.is_err() || copies < quorum {
+            return Ok(PrimaryRead { fetched: fetched(current, known), authoritative: false });
+        }
+        if current.version > held {
+            // Keep our own copy current while we are at it.
+            let _ = self.put(key, current.clone(), false).await;
+        }
+        self.vouch(key, current.version, epoch0);
+        Ok(PrimaryRead { fetched: fetched(current, known), authoritative: true })
     }
 
     /// Stores `rec` unless this peer already holds that version or a newer one; returns
@@ -161,6 +261,7 @@ impl RecordStore {
             return Err(RecordError::NotOwner { me: self.me.to_string(), key: format!("{} (its owner is {o})", key.to_hex()) });
         }
         let _g = self.lock_for(key).lock().await;
+        let epoch0 = self.epoch(key);
         let mut current = self.local(key).await?;
         let known = current.version;
         // A write to a record nobody has (a new inode under a fresh random number) has
@@ -186,7 +287,7 @@ impl RecordStore {
                 // Keep our own copy current while we are at it.
                 let _ = self.put(key, current.clone(), false).await;
             }
-            self.vouch(key, current.version);
+            self.vouch(key, current.version, epoch0);
         }
         if current.version != expected {
             return Ok(CasOutcome::Conflict(current));
@@ -247,9 +348,17 @@ impl RecordStore {
             self.authority.lock().remove(&key);
             return Ok(CasOutcome::Partial { version: rec.version, failed });
         }
-        self.vouch(key, rec.version);
+        self.vouch(key, rec.version, epoch0);
         Ok(CasOutcome::Done(rec.version))
     }
+}
+
+/// A copy as an answer to a reader who holds `known` (0: none).
+fn fetched(r: Record, known: u64) -> Fetched {
+    if known > 0 && r.version == known {
+        return Fetched::Unchanged(known);
+    }
+    Fetched::Got(r)
 }
 
 fn lock_index(key: Id) -> usize {

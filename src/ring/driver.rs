@@ -307,7 +307,7 @@ pub async fn join<A: Addr, T: Transport<A>>(
             let mut n = node.lock();
             let r = n.config.successor_list_len;
             let v = n.vnode_mut(id).expect("joining vnode belongs to this node");
-            v.pred = info.pred.clone().filter(|p| p.id != id);
+            v.set_pred(info.pred.clone().filter(|p| p.id != id));
             v.pred_seen_ms = now_ms;
             let mut list = vec![succ.clone()];
             list.extend(info.succ.iter().cloned());
@@ -351,6 +351,16 @@ pub enum JoinError {
 /// Chord stabilize for one vnode: ask the first live successor for its predecessor and
 /// successor list, adopt a closer successor if one appeared, then notify it.
 pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, vnode: Id, now_ms: u64) {
+    // Only the round that just ran counts: a successor that stopped answering (or no
+    // longer names us) ends what `Node::authority` grants at once, not a window later.
+    let confirmed = stabilize_round(node, net, vnode, now_ms).await;
+    if let Some(v) = node.lock().vnode_mut(vnode) {
+        v.succ_confirmed_ms = if confirmed { now_ms.max(1) } else { 0 };
+    }
+}
+
+/// One stabilize; true if our first successor named this vnode as its predecessor.
+async fn stabilize_round<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T, vnode: Id, now_ms: u64) -> bool {
     let (me, max_tries) = {
         let n = node.lock();
         (n.addr.clone(), n.config.successor_list_len + 1)
@@ -372,10 +382,11 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
         let first = node.lock().first_successor(vnode);
         let Some(succ) = first else {
             rejoin_vnode(node, net, vnode, now_ms).await;
-            return;
+            return false;
         };
         match call(node, net, &succ.addr, RingRequest::Neighbors { vnode: succ.id }, now_ms).await {
             Ok(RingResponse::Neighbors(info)) if info.vnode_exists => {
+                let names_us = info.pred.as_ref().is_some_and(|p| p.id == vnode);
                 let first = {
                     let mut n = node.lock();
                     n.remember(&succ.addr);
@@ -394,7 +405,7 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
                     let req = RingRequest::Notify { vnode: first.id, candidate: cand, as_successor: false };
                     let _ = call(node, net, &first.addr, req, now_ms).await;
                 }
-                return;
+                return names_us && !moved;
             }
             Ok(_) => {
                 // That vnode is gone (its peer left or changed identity): drop just it,
@@ -414,6 +425,7 @@ pub async fn stabilize<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, net: &T,
             }
         }
     }
+    false
 }
 
 /// A vnode that lost every successor finds its place again through any peer it has
@@ -504,7 +516,7 @@ pub async fn check_predecessor<A: Addr, T: Transport<A>>(node: &Mutex<Node<A>>, 
         _ => {
             if let Some(v) = node.lock().vnode_mut(vnode) {
                 if v.pred.as_ref().is_some_and(|p| p.id == pred.id) {
-                    v.pred = None;
+                    v.set_pred(None);
                 }
             }
         }

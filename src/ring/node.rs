@@ -46,11 +46,25 @@ pub struct Vnode<A> {
     pub next_finger_exp: u32,
     /// When the predecessor last answered (check_predecessor).
     pub pred_seen_ms: u64,
+    /// Bumped whenever `pred` changes (`set_pred`): the arc this vnode owns may have
+    /// changed, so what it vouched for under the old arc no longer holds (`authority`).
+    pub pred_epoch: u64,
+    /// When the last stabilize found our first successor naming this vnode as its
+    /// predecessor; 0 when the last one did not.
+    pub succ_confirmed_ms: u64,
 }
 
 impl<A: Addr> Vnode<A> {
     pub fn new(id: Id) -> Self {
-        Vnode { id, pred: None, succ: Vec::new(), fingers: Vec::new(), next_finger_exp: 159, pred_seen_ms: 0 }
+        Vnode { id, pred: None, succ: Vec::new(), fingers: Vec::new(), next_finger_exp: 159, pred_seen_ms: 0, pred_epoch: 0, succ_confirmed_ms: 0 }
+    }
+
+    /// Every change of `pred` goes through here, so `pred_epoch` counts them.
+    pub fn set_pred(&mut self, p: Option<Contact<A>>) {
+        if self.pred.as_ref().map(|c| c.id) != p.as_ref().map(|c| c.id) {
+            self.pred_epoch += 1;
+        }
+        self.pred = p;
     }
 
     /// Fraction of the ring this vnode owns: (pred, id]. Unknown predecessor counts as 0.
@@ -190,11 +204,11 @@ impl<A: Addr> Node<A> {
         let n = contacts.len();
         let r = self.config.successor_list_len;
         for (i, v) in self.vnodes.iter_mut().enumerate() {
-            v.pred = Some(contacts[(i + n - 1) % n].clone());
+            v.set_pred(Some(contacts[(i + n - 1) % n].clone()));
             let list: Vec<Contact<A>> = (1..=n.min(r)).map(|k| contacts[(i + k) % n].clone()).collect();
             v.set_successors(list, r);
             if n == 1 {
-                v.pred = Some(contacts[0].clone());
+                v.set_pred(Some(contacts[0].clone()));
             }
         }
     }
@@ -259,6 +273,25 @@ impl<A: Addr> Node<A> {
             Route::Found { owner, .. } => Some(owner.addr),
             Route::Next(_) => None,
         }
+    }
+
+    /// Whether this peer may answer for `key` alone (a record read from the primary
+    /// only): it owns the key by its own view, and in the rounds that began within
+    /// `window_ms` of `now_ms` both ring neighbours of the owning vnode confirmed that
+    /// view (the predecessor answered; the successor named this vnode as its
+    /// predecessor). Another peer can take the key over only after dropping this one
+    /// as silent (`RING_CALL_TIMEOUT`) or refused, and a window shorter than that ends
+    /// first. Returns the owning vnode and its `pred_epoch`: what was vouched for under
+    /// another epoch (another arc) is not vouched for now.
+    pub fn authority(&self, key: Id, now_ms: u64, window_ms: u64) -> Option<(Id, u64)> {
+        let n = self.vnodes.len();
+        if n == 0 {
+            return None;
+        }
+        let v = &self.vnodes[self.vnodes.partition_point(|v| v.id < key) % n];
+        let pred = v.pred.as_ref()?;
+        let fresh = |t: u64| t > 0 && now_ms.saturating_sub(t) <= window_ms;
+        (key.in_open_closed(pred.id, v.id) && fresh(v.pred_seen_ms) && fresh(v.succ_confirmed_ms)).then_some((v.id, v.pred_epoch))
     }
 
     /// One routing step for `key`: either the owner (if this peer can tell) or the
@@ -373,7 +406,7 @@ impl<A: Addr> Node<A> {
             Some(p) => candidate.id.in_open_open(p.id, v.id),
         };
         if accept {
-            v.pred = Some(candidate);
+            v.set_pred(Some(candidate));
             v.pred_seen_ms = now_ms;
         }
         self.remember(&cand_addr);
@@ -399,7 +432,7 @@ impl<A: Addr> Node<A> {
         }
         let Some(v) = self.vnode_mut(vnode_id) else { return };
         if v.pred.as_ref().is_some_and(|p| p.id == leaving.id) {
-            v.pred = new_pred.filter(|p| p.id != leaving.id);
+            v.set_pred(new_pred.filter(|p| p.id != leaving.id));
             v.pred_seen_ms = now_ms;
         }
         if v.succ.iter().any(|s| s.id == leaving.id) {
@@ -421,7 +454,7 @@ impl<A: Addr> Node<A> {
             v.succ.retain(|s| s.id != id);
             v.fingers.retain(|f| f.id != id);
             if v.pred.as_ref().is_some_and(|p| p.id == id) {
-                v.pred = None;
+                v.set_pred(None);
             }
         }
     }
@@ -468,7 +501,7 @@ impl<A: Addr> Node<A> {
     pub fn forget_addr(&mut self, addr: &A) {
         for v in &mut self.vnodes {
             if v.pred.as_ref().is_some_and(|p| &p.addr == addr) {
-                v.pred = None;
+                v.set_pred(None);
             }
             v.succ.retain(|s| &s.addr != addr);
             v.fingers.retain(|f| &f.addr != addr);
@@ -559,5 +592,35 @@ mod tests {
         assert_ne!(d2, d, "a new predecessor");
         n.vnodes[0].succ = vec![c(0.3), c(0.35), c(0.4)];
         assert_ne!(n.links_digest(), d2, "a joiner in a successor list");
+    }
+
+    #[test]
+    fn authority_needs_the_arc_and_both_neighbours_confirming_it_lately() {
+        let ids = [Id::from_fraction(0.2), Id::from_fraction(0.6)];
+        let mut n: Node<u32> = Node::new(1, Id::from_fraction(0.0), 1 << 30, &ids, RingConfig::default());
+        let c = |f: f64| Contact { id: Id::from_fraction(f), addr: 2u32 };
+        let key = Id::from_fraction(0.5);
+        n.vnodes[1].set_pred(Some(c(0.4)));
+        let epoch = n.vnodes[1].pred_epoch;
+        assert_eq!(n.authority(key, 10_000, 1500), None, "neither neighbour has confirmed anything");
+        n.vnodes[1].pred_seen_ms = 8_000;
+        n.vnodes[1].succ_confirmed_ms = 9_800;
+        assert_eq!(n.authority(key, 10_000, 1500), None, "the predecessor was last heard 2 s ago, before the window");
+        n.vnodes[1].pred_seen_ms = 9_600;
+        assert_eq!(n.authority(key, 10_000, 1500), Some((ids[1], epoch)));
+        assert_eq!(n.authority(Id::from_fraction(0.3), 10_000, 1500), None, "a key of another vnode's arc (0.2, 0.6] whose predecessor is 0.4");
+        assert_eq!(n.authority(Id::from_fraction(0.7), 10_000, 1500), None, "a key outside every arc we know");
+        n.vnodes[1].succ_confirmed_ms = 0;
+        assert_eq!(n.authority(key, 10_000, 1500), None, "the last stabilize did not confirm us");
+        n.vnodes[1].succ_confirmed_ms = 9_800;
+        // The same predecessor again is no change; a new one is a new epoch, even if the
+        // old one comes back (the arc was someone else's in between).
+        n.vnodes[1].set_pred(Some(c(0.4)));
+        assert_eq!(n.authority(key, 10_000, 1500), Some((ids[1], epoch)));
+        n.vnodes[1].set_pred(Some(c(0.45)));
+        n.vnodes[1].set_pred(Some(c(0.4)));
+        assert_eq!(n.authority(key, 10_000, 1500), Some((ids[1], epoch + 2)));
+        n.forget_addr(&2);
+        assert_eq!(n.authority(key, 10_000, 1500), None, "no predecessor, no arc");
     }
 }

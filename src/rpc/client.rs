@@ -311,11 +311,23 @@ impl GrpcNet {
 
     /// A record replica's copy of `key`; `known` is the version the caller has (0: none).
     pub async fn get_record(&self, addr: &NetAddr, key: Id, known: u64) -> Result<Fetched, NetError> {
+        Ok(self.get_record_as(addr, key, known, None).await?.0)
+    }
+
+    /// `get_record`; with `replicas`, asks `addr` to answer as the key's primary (see
+    /// `GetRecordRequest`): true with the answer if it vouched for it as the newest.
+    pub async fn get_record_as(&self, addr: &NetAddr, key: Id, known: u64, replicas: Option<&[NetAddr]>) -> Result<(Fetched, bool), NetError> {
         let r = async {
             let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
-            let req = Self::request(pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: known }, RING_CALL_TIMEOUT);
-            let r = with_deadline(RING_CALL_TIMEOUT, c.get_record(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
-            fetched_from(addr, known, r)
+            let msg = pb::GetRecordRequest {
+                key: key.to_bytes().to_vec(),
+                known_version: known,
+                as_primary: replicas.is_some(),
+                replicas: replicas.unwrap_or_default().iter().map(|a| a.to_string()).collect(),
+            };
+            let r = with_deadline(RING_CALL_TIMEOUT, c.get_record(Self::request(msg, RING_CALL_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
+            let authoritative = r.authoritative;
+            Ok((fetched_from(addr, known, r)?, authoritative))
         }
         .await;
         self.observe(addr, &r);
@@ -329,7 +341,7 @@ impl GrpcNet {
             let mut out = Vec::with_capacity(keys.len());
             for chunk in keys.chunks(MAX_RECORDS_PER_CALL) {
                 let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
-                let items = chunk.iter().map(|(k, known)| pb::GetRecordRequest { key: k.to_bytes().to_vec(), known_version: *known }).collect();
+                let items = chunk.iter().map(|(k, known)| pb::GetRecordRequest { key: k.to_bytes().to_vec(), known_version: *known, ..Default::default() }).collect();
                 let req = Self::request(pb::GetRecordsRequest { items }, RING_CALL_TIMEOUT);
                 let r = with_deadline(RING_CALL_TIMEOUT, c.get_records(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
                 if r.items.len() != chunk.len() {

@@ -48,7 +48,7 @@ impl PeerState {
 fn record_response(f: Fetched) -> pb::GetRecordResponse {
     match f {
         Fetched::Unchanged(v) => pb::GetRecordResponse { found: true, version: v, unchanged: true, ..Default::default() },
-        Fetched::Got(rec) => pb::GetRecordResponse { found: rec.version > 0, version: rec.version, deleted: rec.deleted, data: rec.data, unchanged: false },
+        Fetched::Got(rec) => pb::GetRecordResponse { found: rec.version > 0, version: rec.version, deleted: rec.deleted, data: rec.data, ..Default::default() },
     }
 }
 
@@ -361,8 +361,16 @@ impl Peer for PeerService {
     async fn get_record(&self, req: Request<pb::GetRecordRequest>) -> Result<Response<pb::GetRecordResponse>, Status> {
         let r = req.into_inner();
         let key = id_from(&r.key, "key")?;
-        let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
-        Ok(Response::new(record_response(f)))
+        if !r.as_primary {
+            let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
+            return Ok(Response::new(record_response(f)));
+        }
+        if r.replicas.len() > MAX_RECORD_REPLICAS {
+            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
+        }
+        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        let read = self.state.records.get_primary(key, r.known_version, replicas).await.map_err(record_status)?;
+        Ok(Response::new(pb::GetRecordResponse { authoritative: read.authoritative, ..record_response(read.fetched) }))
     }
 
     async fn get_records(&self, req: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {
