@@ -80,8 +80,8 @@ fn valid_requests() -> Vec<Vec<u8>> {
         pb::GetShardRequest { stripe: meta.meta.stripe.to_bytes().to_vec(), skip_mask: 1 }.encode_to_vec(),
         pb::HoldingsRequest { stripes: vec![id.clone(), id.clone()] }.encode_to_vec(),
         pb::DeleteShardRequest { stripe: id.clone(), index: 1 }.encode_to_vec(),
-        pb::GetRecordRequest { key: id.clone(), known_version: 2 }.encode_to_vec(),
-        pb::GetRecordsRequest { items: vec![pb::GetRecordRequest { key: id.clone(), known_version: 0 }, pb::GetRecordRequest { key: vec![7; 20], known_version: 3 }] }.encode_to_vec(),
+        pb::GetRecordRequest { key: id.clone(), known_version: 2, as_primary: true, replicas: vec!["127.0.0.1:1".into()] }.encode_to_vec(),
+        pb::GetRecordsRequest { items: vec![pb::GetRecordRequest { key: id.clone(), known_version: 0, ..Default::default() }, pb::GetRecordRequest { key: vec![7; 20], known_version: 3, ..Default::default() }] }.encode_to_vec(),
         pb::PutRecordRequest { key: id.clone(), version: 3, deleted: false, data: vec![1, 2, 3], durable: false }.encode_to_vec(),
         pb::CasRecordRequest { key: id.clone(), expected: 0, deleted: false, data: vec![9; 40], replicas: vec!["127.0.0.1:1".into()], durable: false, insist: true }.encode_to_vec(),
         pb::PutBlockRequest { key: id.clone(), meta: vec![1], data: vec![2; 100] }.encode_to_vec(),
@@ -160,8 +160,8 @@ fn valid_responses() -> Vec<Vec<u8>> {
         pb::FindNextResponse { found: true, owner: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], next: vec![contact("127.0.0.1:4")], arc_from: vec![4u8; 20] }.encode_to_vec(),
         pb::NeighborsResponse { predecessor: Some(contact("127.0.0.1:2")), successors: vec![contact("127.0.0.1:3")], peer_capacity_bytes: 1 << 30, peer_keyspace_share: 0.5, vnode_exists: true, largest_arc_pred: id.clone(), largest_arc_vnode: vec![6u8; 20] }.encode_to_vec(),
         pb::GetShardResponse { found: true, meta: vec![b'S'; 52], data: vec![1; 64].into() }.encode_to_vec(),
-        pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }.encode_to_vec(),
-        pb::GetRecordsResponse { items: vec![pb::GetRecordsItem { skipped: false, record: Some(pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false }) }, pb::GetRecordsItem { skipped: true, record: None }] }.encode_to_vec(),
+        pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], unchanged: false, authoritative: true }.encode_to_vec(),
+        pb::GetRecordsResponse { items: vec![pb::GetRecordsItem { skipped: false, record: Some(pb::GetRecordResponse { found: true, version: 2, deleted: false, data: vec![1; 30], ..Default::default() }) }, pb::GetRecordsItem { skipped: true, record: None }] }.encode_to_vec(),
         pb::CasRecordResponse { ok: false, version: 4, found: true, deleted: false, data: vec![2; 30], failed_replicas: vec!["127.0.0.1:5".into()] }.encode_to_vec(),
     ]
 }
