@@ -127,3 +127,31 @@ fn simulation_meets_its_targets_at_2000_peers() {
     assert_eq!(r.failed_lookups_after_fail, 0);
     assert!(r.load_max_over_fair <= 1.15 && r.load_min_over_fair >= 0.85, "load {}..{}", r.load_min_over_fair, r.load_max_over_fair);
 }
+
+/// A joiner is known at first only to its neighbours (its predecessor lists it as first
+/// successor, its successor as predecessor); the other successor lists learn of it one
+/// stabilize round per hop. A walk that comes up short (here: fewer than all nine peers)
+/// asks its vnodes for what they know, so it meets the joiner before any round has run.
+#[test]
+fn a_short_walk_finds_a_joiner_no_round_has_spread_yet() {
+    let (mut net, mut rng) = build(8, 21);
+    rounds(&mut net, 12);
+    let cap = 4u64 << 30;
+    let samples = run_ready(driver::sample_ring(&net.client(), &0, &mut rng)).expect("sampling succeeds");
+    let ids = choose_positions(&samples, cap, vnode_count(cap), &mut rng);
+    let joiner = net.add(Node::new(8, Id::sha1(b"joiner"), cap, &ids, RingConfig { successor_list_len: 12, ..RingConfig::default() }));
+    run_ready(driver::join(&net.node(joiner).clone(), &net.endpoint(joiner), &0, net.now_ms)).expect("join succeeds");
+    // Walks from three vnodes before each of the joiner's: the joiner is in the middle of
+    // the walk, where only its predecessor's list shows it.
+    let before: Vec<Id> = truth(&net).keys().copied().filter(|id| !ids.contains(id)).collect();
+    let mut missed = Vec::new();
+    for v in &ids {
+        let at = before.partition_point(|id| id < v);
+        let key = before[(at + before.len() - 3) % before.len()];
+        let w = run_ready(driver::walk_from(&net.client(), vec![0], key, 9)).expect("walk succeeds");
+        if !w.vnodes.iter().any(|c| c.addr == joiner) {
+            missed.push(v.to_hex());
+        }
+    }
+    assert!(missed.is_empty(), "walks through {} of the joiner's {} vnodes never met the joiner: {missed:?}", missed.len(), ids.len());
+}

@@ -85,6 +85,8 @@ async fn run_lookup<A: Addr, T: Transport<A>>(
 const MAX_WALK_EXTENSIONS: usize = 16;
 /// Vnodes of a walk, from its end backwards, asked to extend it before giving up.
 const WALK_EXTEND_TRIES: usize = 4;
+/// Vnodes of a short walk asked at once for their successors (see `walk_from`).
+const DEEP_WALK_ASKS: usize = 24;
 
 /// Finds the owner of `key`, starting from this peer's own routing state.
 pub async fn lookup<A: Addr, T: Transport<A>>(
@@ -184,6 +186,31 @@ pub async fn walk_from<A: Addr, T: Transport<A>>(net: &T, start: Vec<A>, key: Id
         }
         if walk.len() == before {
             break;
+        }
+    }
+    if distinct(&walk) < peers {
+        // Still short: in a ring still linking its joiners in, a joiner is known at
+        // first only to the vnode just before it (as its first successor); successor
+        // lists learn of it one stabilize round (150 ms) per hop backwards, so for a
+        // second or two a walk that follows lists skips it. Ask the vnodes of the walk
+        // for their successors at once and merge what they know.
+        let suspects = net.suspects();
+        let asked: Vec<&Contact<A>> = walk.iter().filter(|c| !suspects.contains(&c.addr)).take(DEEP_WALK_ASKS).collect();
+        let infos = futures_util::future::join_all(asked.into_iter().map(|c| neighbors(net, c))).await;
+        let span = walk.last().map_or(Id::pow2(0), |l| key.distance_to(l.id));
+        let mut all = walk.clone();
+        for info in infos.into_iter().flatten().filter(|i| i.vnode_exists) {
+            all.extend(info.succ);
+            // A joiner just before a vnode of the walk is that vnode's predecessor first.
+            all.extend(info.pred.filter(|p| key.distance_to(p.id) < span));
+        }
+        // Clockwise from the key: the first is its owner (a joiner may have taken the
+        // key from the one the lookup found).
+        all.sort_by_key(|c| key.distance_to(c.id));
+        all.dedup_by(|a, b| a.id == b.id);
+        if distinct(&all) > distinct(&walk) {
+            let arc_from = if all[0].id == found.owner.id { arc_from } else { key.wrapping_sub(Id::pow2(0)) };
+            return Ok(Walk { arc_from, vnodes: all });
         }
     }
     Ok(Walk { arc_from, vnodes: walk })
