@@ -6,7 +6,6 @@ use crate::blockstore::{DiskImage, StoreError};
 use crate::ring::{Id, Node};
 use crate::rpc::client::GrpcNet;
 use crate::rpc::NetAddr;
-use futures_util::future::join_all;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,10 +173,24 @@ impl RecordStore {
         }
         // As a CAS does: no write of this key lands here while we look.
         let _g = self.lock_for(key).lock().await;
-        let mut current = self.local(key).await?;
-        let held = current.version;
+        let current = self.local(key).await?;
         // This copy and the answers make a read quorum once they are `quorum` in all.
         let quorum = super::read_quorum(replicas.len() + 1);
+        let (current, copies) = self.consult(key, &replicas, current, Some(quorum)).await;
+        if copies < quorum {
+            return Ok(PrimaryRead { fetched: fetched(current, known), authoritative: false });
+        }
+        self.vouch(key, current.version, epoch0);
+        Ok(PrimaryRead { fetched: fetched(current, known), authoritative: true })
+    }
+
+    /// Asks `replicas` for their copies of `key` and returns the newest of theirs and
+    /// `current` (ours), with how many copies that is, ours included; our own copy is
+    /// brought up to date. Waits for every answer (each call has its deadline), or with
+    /// `enough`, only until that many copies are in, for at most CONSULT_WAIT.
+    async fn consult(&self, key: Id, replicas: &[NetAddr], mut current: Record, enough: Option<usize>) -> (Record, usize) {
+        use futures_util::StreamExt;
+        let held = current.version;
         let mut asks: futures_util::stream::FuturesUnordered<_> = replicas
             .iter()
             .map(|a| {
@@ -187,9 +200,8 @@ impl RecordStore {
             })
             .collect();
         let mut copies = 1;
-        let gathered = tokio::time::timeout(CONSULT_WAIT, async {
-            use futures_util::StreamExt;
-            while copies < quorum {
+        let gather = async {
+            while enough.is_none_or(|n| copies < n) {
                 match asks.next().await {
                     None => break,
                     Some(Ok(Fetched::Got(r))) => {
@@ -202,17 +214,19 @@ impl RecordStore {
                     Some(Err(_)) => {}
                 }
             }
-        })
-        .await;
-        if gathered.is_err() || copies < quorum {
-            return Ok(PrimaryRead { fetched: fetched(current, known), authoritative: false });
+        };
+        if enough.is_some() {
+            if tokio::time::timeout(CONSULT_WAIT, gather).await.is_err() {
+                copies = 0;
+            }
+        } else {
+            gather.await;
         }
         if current.version > held {
             // Keep our own copy current while we are at it.
             let _ = self.put(key, current.clone(), false).await;
         }
-        self.vouch(key, current.version, epoch0);
-        Ok(PrimaryRead { fetched: fetched(current, known), authoritative: true })
+        (current, copies)
     }
 
     /// Stores `rec` unless this peer already holds that version or a newer one; returns
@@ -270,23 +284,7 @@ impl RecordStore {
         if !fresh && !self.vouched(key, known) {
             // A replica may be ahead of us: we may have just become primary, or have
             // been away while another primary wrote.
-            let answers = join_all(replicas.iter().map(|a| {
-                let net = self.net.clone();
-                let a = a.clone();
-                async move { net.get_record(&a, key, known).await }
-            }))
-            .await;
-            for f in answers.into_iter().flatten() {
-                if let Fetched::Got(r) = f {
-                    if r.version > current.version {
-                        current = r;
-                    }
-                }
-            }
-            if current.version > known {
-                // Keep our own copy current while we are at it.
-                let _ = self.put(key, current.clone(), false).await;
-            }
+            current = self.consult(key, &replicas, current, None).await.0;
             self.vouch(key, current.version, epoch0);
         }
         if current.version != expected {
