@@ -153,6 +153,48 @@ fn fuzz_every_request_decoder_and_handler() {
     eprintln!("fuzz_every_request_decoder_and_handler: {} inputs, {} handler calls", n.get(), handled.get());
 }
 
+/// Hostile bytes into the bulk lane of a real peer, over a real TLS connection: the peer
+/// answers or closes, never hangs; afterwards it serves gRPC, and what it holds of the
+/// stripe the valid requests carried is that stripe's bytes, never damaged ones.
+#[test]
+fn fuzz_the_bulk_lane_on_a_real_socket() {
+    use mutualstore::erasure::stripe::make_stripe;
+    use mutualstore::erasure::Code;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let peer = rt.block_on(mutualstore::peer::start(common::peer_config(&tmp.path().join("p"), common::GIB, None))).unwrap();
+    let addr = peer.addr.clone();
+    let (stripe, shards) = make_stripe(Code::new(2, 1).unwrap(), &[0x5au8; 200]).unwrap();
+    let valid: Vec<Vec<u8>> = shards.iter().flat_map(|s| [common::bulk_put(&s.meta.encode(), &s.data, false), common::bulk_put(&s.meta.encode(), &s.data, true)]).collect();
+    let (n, answered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    runner()
+        .run(&hostile(valid), |bytes| {
+            rt.block_on(async {
+                let mut c = common::raw_bulk(&addr).await;
+                let _ = c.write_all(&bytes).await;
+                let _ = c.shutdown().await;
+                let mut back = Vec::new();
+                tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut back)).await.expect("the peer hung a bulk connection").ok();
+                if !back.is_empty() {
+                    answered.set(answered.get() + 1);
+                }
+            });
+            n.set(n.get() + 1);
+            Ok(())
+        })
+        .unwrap();
+    assert!(answered.get() > 0, "no input of {} got an answer", n.get());
+    let info = rt.block_on(PeerService { state: peer.state.clone() }.peer_info(tonic::Request::new(pb::Empty {}))).expect("the peer answers after fuzzing");
+    assert_eq!(info.into_inner().protocol_version, mutualstore::rpc::PROTOCOL_VERSION);
+    for (i, s) in shards.iter().enumerate() {
+        if let Some(got) = rt.block_on(peer.net.get_shard(&addr, stripe, !(1u64 << i))).unwrap() {
+            assert_eq!(got.data, s.data, "shard {i} is stored with other bytes than the stripe's");
+        }
+    }
+    eprintln!("fuzz_the_bulk_lane_on_a_real_socket: {} inputs, {} answered", n.get(), answered.get());
+}
+
 fn valid_responses() -> Vec<Vec<u8>> {
     let id = vec![5u8; 20];
     vec![

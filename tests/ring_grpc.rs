@@ -229,3 +229,63 @@ async fn a_peer_that_leaves_cleanly_is_spliced_out_at_once() {
         p.stop_abruptly().await;
     }
 }
+
+/// The bulk lane (shard writes outside HTTP/2) on a real peer: a shard it takes is
+/// stored and read back over gRPC; a shard that does not match its header is refused
+/// with INVALID_ARGUMENT and the connection goes on; a request it cannot frame is
+/// refused and the connection closed; the peer serves gRPC throughout; and a peer that
+/// stops closes its open bulk connections, so a client's pooled one fails rather than
+/// writing into a stopped peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_lane_stores_refuses_clearly_and_closes_with_its_peer() {
+    use mutualstore::erasure::stripe::make_stripe;
+    use mutualstore::erasure::Code;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let peers = start_ring(dir.path(), 1, GIB).await;
+    let addr = peers[0].addr.clone();
+    let (stripe, shards) = make_stripe(Code::new(2, 1).unwrap(), &vec![7u8; 300_000]).unwrap();
+    let meta = shards[0].meta.encode();
+
+    let mut c = raw_bulk(&addr).await;
+    let mut damaged = shards[0].data.to_vec();
+    damaged[1000] ^= 1;
+    c.write_all(&bulk_put(&meta, &damaged, false)).await.unwrap();
+    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to a damaged shard");
+    assert_eq!(code, tonic::Code::InvalidArgument as u8, "a damaged shard: {msg}");
+    assert!(msg.contains("checksum"), "the refusal does not say why: {msg}");
+    c.write_all(&bulk_put(&meta, &shards[0].data, false)).await.unwrap();
+    assert_eq!(bulk_answer_within(&mut c).await, Some((0, String::new())), "the same connection takes the intact shard");
+    let back = peers[0].net.get_shard(&addr, stripe, !1).await.unwrap().expect("the shard is stored");
+    assert_eq!(back.data, shards[0].data);
+
+    // Lengths past the limits: refused before any body is read, and closed.
+    let mut huge = vec![1u8, 0];
+    huge.extend_from_slice(&(meta.len() as u16).to_le_bytes());
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    c.write_all(&huge).await.unwrap();
+    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to an oversized request");
+    assert_eq!(code, tonic::Code::InvalidArgument as u8, "{msg}");
+    assert!(bulk_answer_within(&mut c).await.is_none(), "the connection stays open after a request it cannot frame");
+    // An unknown operation: the same.
+    let mut c = raw_bulk(&addr).await;
+    c.write_all(&[9u8, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
+    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to an unknown operation");
+    assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("unknown"), "{code} {msg}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest)).await.expect("closed");
+    // gRPC on the same port is unaffected.
+    assert!(peers[0].net.peer_info(&addr).await.is_ok());
+
+    // A client's pooled connection, then the peer stops: the next write fails.
+    let client = mutualstore::rpc::client::GrpcNet::for_client().with_tls(test_tls());
+    client.put_shard(&addr, &shards[1]).await.expect("a put through the client's pool");
+    let p = peers.into_iter().next().unwrap();
+    p.stop_abruptly().await;
+    let r = tokio::time::timeout(Duration::from_secs(30), client.put_shard(&addr, &shards[2])).await.expect("bounded");
+    assert!(r.is_err(), "a stopped peer took a shard over a pooled bulk connection");
+}
+
+async fn bulk_answer_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
+    tokio::time::timeout(Duration::from_secs(10), bulk_answer(s)).await.expect("an answer or a close within 10 s")
+}

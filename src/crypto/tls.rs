@@ -23,6 +23,8 @@ pub struct RingTls {
     cert_pem: String,
     key_pem: String,
     server: Arc<rustls::ServerConfig>,
+    /// What a bulk-lane connection to another member uses (`rpc::bulk`).
+    client: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for RingTls {
@@ -67,11 +69,31 @@ impl RingTls {
             .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| format!("TLS: {e}"))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(RingTls { ring_id, ca_pem: ca_cert.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem(), server: Arc::new(server) })
+        let mut client_roots = rustls::RootCertStore::empty();
+        client_roots.add(ca_cert.der().clone()).map_err(|e| format!("ring authority: {e}"))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(client_roots)
+            .with_client_auth_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(RingTls {
+            ring_id,
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.server.clone())
+    }
+
+    /// What a bulk-lane connection to another member uses.
+    pub fn bulk_client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
     }
 
     /// What a gRPC channel to another member uses.

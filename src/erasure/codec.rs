@@ -69,9 +69,36 @@ pub fn encode_padded(code: Code, data: bytes::Bytes, len: usize) -> Result<Vec<b
         shards.push(parity.into());
         return Ok(shards);
     }
-    let parity = reed_solomon_simd::encode(k, m, &shards).map_err(|e| CodecError::Codec(e.to_string()))?;
+    let parity = rs_parity(k, m, &shards).map_err(|e| CodecError::Codec(e.to_string()))?;
     shards.extend(parity.into_iter().map(bytes::Bytes::from));
     Ok(shards)
+}
+
+thread_local! {
+    /// One encoder per thread, kept between stripes: a new one allocates and zeroes its
+    /// working space (k+m shards' worth) for every stripe, 3 % of the mount's CPU in a
+    /// sequential write. Encoding runs on the blocking pool, whose threads end when idle.
+    static ENCODER: std::cell::RefCell<Option<reed_solomon_simd::ReedSolomonEncoder>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The m recovery shards of k equal-length data shards.
+fn rs_parity(k: usize, m: usize, shards: &[bytes::Bytes]) -> Result<Vec<Vec<u8>>, reed_solomon_simd::Error> {
+    let sl = shards.first().map_or(0, |s| s.len());
+    ENCODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let enc = match slot.as_mut() {
+            Some(e) => {
+                e.reset(k, m, sl)?;
+                e
+            }
+            None => slot.insert(reed_solomon_simd::ReedSolomonEncoder::new(k, m, sl)?),
+        };
+        for s in shards {
+            enc.add_original_shard(s)?;
+        }
+        let r = enc.encode()?;
+        Ok(r.recovery_iter().map(<[u8]>::to_vec).collect())
+    })
 }
 
 /// The stripe's `len` bytes from any k of its shards (`None` for a missing one). Present

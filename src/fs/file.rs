@@ -208,7 +208,11 @@ impl FileState {
                     // needs nothing of the old.
                     let old_extent = self.chunk_extent(self.cb, idx);
                     // A whole-megabyte write is a stream: room for the whole chunk at once.
-                    let room = if n >= 1 << 20 { self.cb } else { self.cb.min(1 << 20) };
+                    // Judged by the whole write, not by its part in this chunk: chunks are
+                    // 64 bytes short of 4 MiB, so a stream's 1 MiB writes straddle them and
+                    // each chunk began with a part just short of 1 MiB, got 1 MiB of room,
+                    // and was copied again when it grew (a fifth of the chunk copies).
+                    let room = if data.len() >= 1 << 20 { self.cb } else { self.cb.min(1 << 20) };
                     let buf = if in_chunk == 0 && n >= old_extent { Vec::with_capacity(room) } else { self.load_chunk(ctx, idx).await? };
                     self.dirty.insert(idx, buf);
                 }

@@ -31,11 +31,13 @@ pub struct GrpcNet {
     suspects: Option<Mutex<HashMap<NetAddr, std::time::Instant>>>,
     /// Membership credentials; None only in a ring created without a secret.
     tls: Option<Arc<RingTls>>,
+    /// Shard writes go over the bulk lane (`bulk`), not gRPC.
+    bulk: super::bulk::BulkPool,
 }
 
 impl Default for GrpcNet {
     fn default() -> Self {
-        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None, tls: None }
+        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None, tls: None, bulk: super::bulk::BulkPool::new(None) }
     }
 }
 
@@ -90,6 +92,7 @@ impl GrpcNet {
 
     /// Connects to members with TLS under the ring's credentials.
     pub fn with_tls(mut self, tls: Option<Arc<RingTls>>) -> Self {
+        self.bulk = super::bulk::BulkPool::new(tls.as_ref().map(|t| t.bulk_client_config()));
         self.tls = tls;
         self
     }
@@ -225,14 +228,15 @@ impl GrpcNet {
     }
 
     /// Stores a shard; `lazy`: in the peer's page cache when this returns (see `sync`).
+    /// Over the bulk lane, bounded like a block call.
     pub async fn put_shard_as(&self, addr: &NetAddr, shard: &Shard, lazy: bool) -> Result<(), NetError> {
-        let r = async {
-            let mut c = self.client(addr, BLOCK_CALL_TIMEOUT)?;
-            let req = Self::request(pb::PutShardRequest { meta: shard.meta.encode(), data: shard.data.clone(), lazy }, BLOCK_CALL_TIMEOUT);
-            with_deadline(BLOCK_CALL_TIMEOUT, c.put_shard(req)).await.map_err(|s| net_error(addr, s))?;
-            Ok(())
-        }
-        .await;
+        let budget = BLOCK_CALL_TIMEOUT + CONNECT_TIMEOUT;
+        let r = match tokio::time::timeout(budget, self.bulk.put_shard(addr, &shard.meta.encode(), &shard.data, lazy)).await {
+            Err(_) => Err(NetError::Timeout(0)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(super::bulk::BulkError::Status(s))) => Err(net_error(addr, s)),
+            Ok(Err(super::bulk::BulkError::Io(e))) => Err(self.explain(NetError::Unreachable(format!("{addr}: bulk lane: {e}")))),
+        };
         self.observe(addr, &r);
         r
     }

@@ -2,6 +2,7 @@
 //! knows protobuf types; everything crossing it is converted to domain types and
 //! validated at the boundary (a bad message is `InvalidArgument`, never a panic).
 
+pub mod bulk;
 pub mod client;
 pub mod codec;
 pub mod coalesce;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 /// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
 /// that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest gRPC message either side accepts: one block plus headers.
 pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
 /// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).

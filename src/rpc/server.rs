@@ -101,6 +101,40 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// Checks a shard against its header and stores it: the PutShard call and the bulk
+    /// lane (`bulk`) both end here.
+    pub(super) async fn take_shard(&self, meta_bytes: Vec<u8>, data: bytes::Bytes, lazy: bool) -> Result<(), Status> {
+        let meta = ShardMeta::decode(&meta_bytes).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
+        if self.state.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("this peer is draining and takes no new shards"));
+        }
+        // The check runs on the pool with the write: a CRC of 1 MiB is ~0.1 ms.
+        self.on_pool(move |state| {
+            let crc = crc32c::crc32c(&data);
+            if !meta.arrived_intact(&data, crc) {
+                return Err(Status::invalid_argument(format!(
+                    "shard {} of stripe {}: {} bytes that do not match the header's length or checksum",
+                    meta.index,
+                    meta.stripe.to_hex(),
+                    data.len()
+                )));
+            }
+            let key = meta.block_key();
+            let (mut meta_bytes, mut data, mut crc) = (meta_bytes, data, crc);
+            if state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
+                let mut forged = data.to_vec();
+                super::fault::flip(&mut forged);
+                data = forged.into();
+                meta_bytes = meta.rehashed(&data).encode();
+                crc = crc32c::crc32c(&data);
+            }
+            state.store.put_with_crc(&key, &meta_bytes, &data, crc, !lazy).map_err(store_status)
+        })
+        .await
+    }
+}
+
 fn check_record(version: u64, deleted: bool, data: &[u8]) -> Result<(), Status> {
     if version == 0 {
         return Err(Status::invalid_argument("record version 0 means absent and cannot be written"));
@@ -261,33 +295,7 @@ impl Peer for PeerService {
 
     async fn put_shard(&self, req: Request<pb::PutShardRequest>) -> Result<Response<pb::Empty>, Status> {
         let r = req.into_inner();
-        let meta = ShardMeta::decode(&r.meta).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
-        if self.state.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("this peer is draining and takes no new shards"));
-        }
-        // The check runs on the pool with the write: a CRC of 1 MiB is ~0.1 ms.
-        self.on_pool(move |state| {
-            let crc = crc32c::crc32c(&r.data);
-            if !meta.arrived_intact(&r.data, crc) {
-                return Err(Status::invalid_argument(format!(
-                    "shard {} of stripe {}: {} bytes that do not match the header's length or checksum",
-                    meta.index,
-                    meta.stripe.to_hex(),
-                    r.data.len()
-                )));
-            }
-            let key = meta.block_key();
-            let (mut meta_bytes, mut data, mut crc) = (r.meta, r.data, crc);
-            if state.fault.as_ref().is_some_and(|f| Fault::on(&f.forge_stored)) {
-                let mut forged = data.to_vec();
-                super::fault::flip(&mut forged);
-                data = forged.into();
-                meta_bytes = meta.rehashed(&data).encode();
-                crc = crc32c::crc32c(&data);
-            }
-            state.store.put_with_crc(&key, &meta_bytes, &data, crc, !r.lazy).map_err(store_status)
-        })
-        .await?;
+        self.take_shard(r.meta, r.data, r.lazy).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
