@@ -237,9 +237,9 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let svc = PeerService { state: state.clone() }.into_server();
-    // The bulk lane serves while the server task runs: the sender lives in that task.
+    // The direct lane serves while the server task runs: the sender lives in that task.
     let (alive_tx, alive_rx) = tokio::sync::watch::channel(());
-    let bulk = crate::rpc::bulk::BulkServer::new(PeerService { state: state.clone() }, alive_rx);
+    let lane = crate::rpc::lane::LaneServer::new(PeerService { state: state.clone() }, alive_rx);
     let shutdown = async {
         let _ = rx.await;
     };
@@ -250,14 +250,14 @@ pub async fn start(cfg: PeerConfig) -> Result<RunningPeer, String> {
             .max_frame_size(crate::rpc::H2_MAX_FRAME).add_service(svc.clone());
     let server = match &tls {
         Some(t) => {
-            let serving = builder().serve_with_incoming_shutdown(listen::tls(listener, t.clone(), bulk), shutdown);
+            let serving = builder().serve_with_incoming_shutdown(listen::tls(listener, t.clone(), lane), shutdown);
             tokio::spawn(async move {
                 let _alive = alive_tx;
                 log_server_end(serving.await)
             })
         }
         None => {
-            let serving = builder().serve_with_incoming_shutdown(listen::plain(listener, bulk), shutdown);
+            let serving = builder().serve_with_incoming_shutdown(listen::plain(listener, lane), shutdown);
             tokio::spawn(async move {
                 let _alive = alive_tx;
                 log_server_end(serving.await)

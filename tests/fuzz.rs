@@ -153,11 +153,12 @@ fn fuzz_every_request_decoder_and_handler() {
     eprintln!("fuzz_every_request_decoder_and_handler: {} inputs, {} handler calls", n.get(), handled.get());
 }
 
-/// Hostile bytes into the bulk lane of a real peer, over a real TLS connection: the peer
-/// answers or closes, never hangs; afterwards it serves gRPC, and what it holds of the
-/// stripe the valid requests carried is that stripe's bytes, never damaged ones.
+/// Hostile bytes into the direct lane of a real peer (shard writes and record reads),
+/// over a real TLS connection: the peer answers or closes, never hangs; afterwards it
+/// serves gRPC, and what it holds of the stripe the valid requests carried is that
+/// stripe's bytes, never damaged ones.
 #[test]
-fn fuzz_the_bulk_lane_on_a_real_socket() {
+fn fuzz_the_direct_lane_on_a_real_socket() {
     use mutualstore::erasure::stripe::make_stripe;
     use mutualstore::erasure::Code;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -166,16 +167,24 @@ fn fuzz_the_bulk_lane_on_a_real_socket() {
     let peer = rt.block_on(mutualstore::peer::start(common::peer_config(&tmp.path().join("p"), common::GIB, None))).unwrap();
     let addr = peer.addr.clone();
     let (stripe, shards) = make_stripe(Code::new(2, 1).unwrap(), &[0x5au8; 200]).unwrap();
-    let valid: Vec<Vec<u8>> = shards.iter().flat_map(|s| [common::bulk_put(&s.meta.encode(), &s.data, false), common::bulk_put(&s.meta.encode(), &s.data, true)]).collect();
+    let mut valid: Vec<Vec<u8>> = shards.iter().flat_map(|s| [common::lane_put(&s.meta.encode(), &s.data, false), common::lane_put(&s.meta.encode(), &s.data, true)]).collect();
+    for as_primary in [false, true] {
+        let req = pb::GetRecordRequest { key: stripe.to_bytes().to_vec(), known_version: 1, as_primary, replicas: vec!["127.0.0.1:1".into()] };
+        let body = req.encode_to_vec();
+        let mut v = vec![2u8, 0, 0, 0];
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(&body);
+        valid.push(v);
+    }
     let (n, answered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner()
         .run(&hostile(valid), |bytes| {
             rt.block_on(async {
-                let mut c = common::raw_bulk(&addr).await;
+                let mut c = common::raw_lane(&addr).await;
                 let _ = c.write_all(&bytes).await;
                 let _ = c.shutdown().await;
                 let mut back = Vec::new();
-                tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut back)).await.expect("the peer hung a bulk connection").ok();
+                tokio::time::timeout(Duration::from_secs(30), c.read_to_end(&mut back)).await.expect("the peer hung a lane connection").ok();
                 if !back.is_empty() {
                     answered.set(answered.get() + 1);
                 }
@@ -192,7 +201,7 @@ fn fuzz_the_bulk_lane_on_a_real_socket() {
             assert_eq!(got.data, s.data, "shard {i} is stored with other bytes than the stripe's");
         }
     }
-    eprintln!("fuzz_the_bulk_lane_on_a_real_socket: {} inputs, {} answered", n.get(), answered.get());
+    eprintln!("fuzz_the_direct_lane_on_a_real_socket: {} inputs, {} answered", n.get(), answered.get());
 }
 
 fn valid_responses() -> Vec<Vec<u8>> {

@@ -230,14 +230,14 @@ async fn a_peer_that_leaves_cleanly_is_spliced_out_at_once() {
     }
 }
 
-/// The bulk lane (shard writes outside HTTP/2) on a real peer: a shard it takes is
+/// The direct lane (shard writes outside HTTP/2) on a real peer: a shard it takes is
 /// stored and read back over gRPC; a shard that does not match its header is refused
 /// with INVALID_ARGUMENT and the connection goes on; a request it cannot frame is
 /// refused and the connection closed; the peer serves gRPC throughout; and a peer that
-/// stops closes its open bulk connections, so a client's pooled one fails rather than
+/// stops closes its open lane connections, so a client's pooled one fails rather than
 /// writing into a stopped peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bulk_lane_stores_refuses_clearly_and_closes_with_its_peer() {
+async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     use mutualstore::erasure::stripe::make_stripe;
     use mutualstore::erasure::Code;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -247,30 +247,54 @@ async fn the_bulk_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     let (stripe, shards) = make_stripe(Code::new(2, 1).unwrap(), &vec![7u8; 300_000]).unwrap();
     let meta = shards[0].meta.encode();
 
-    let mut c = raw_bulk(&addr).await;
+    let mut c = raw_lane(&addr).await;
     let mut damaged = shards[0].data.to_vec();
     damaged[1000] ^= 1;
-    c.write_all(&bulk_put(&meta, &damaged, false)).await.unwrap();
-    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to a damaged shard");
+    c.write_all(&lane_put(&meta, &damaged, false)).await.unwrap();
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a damaged shard");
     assert_eq!(code, tonic::Code::InvalidArgument as u8, "a damaged shard: {msg}");
     assert!(msg.contains("checksum"), "the refusal does not say why: {msg}");
-    c.write_all(&bulk_put(&meta, &shards[0].data, false)).await.unwrap();
-    assert_eq!(bulk_answer_within(&mut c).await, Some((0, String::new())), "the same connection takes the intact shard");
+    c.write_all(&lane_put(&meta, &shards[0].data, false)).await.unwrap();
+    assert_eq!(lane_answer_within(&mut c).await, Some((0, String::new())), "the same connection takes the intact shard");
     let back = peers[0].net.get_shard(&addr, stripe, !1).await.unwrap().expect("the shard is stored");
     assert_eq!(back.data, shards[0].data);
+
+    // A record read: the record written over gRPC, read back through the lane (the
+    // client's get_record goes that way); a request that is not a protobuf is refused
+    // and the connection goes on.
+    let key = Id::sha1(b"a record read over the lane");
+    let rec = mutualstore::meta::Record { version: 3, deleted: false, data: b"inode bytes".to_vec() };
+    assert_eq!(peers[0].net.put_record(&addr, key, &rec, true).await.unwrap(), 3);
+    match peers[0].net.get_record(&addr, key, 0).await.unwrap() {
+        mutualstore::meta::Fetched::Got(r) => assert_eq!(r, rec),
+        other => panic!("a record read over the lane: {other:?}"),
+    }
+    let mut bad = vec![2u8, 0, 0, 0];
+    bad.extend_from_slice(&3u32.to_le_bytes());
+    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
+    c.write_all(&bad).await.unwrap();
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a malformed record request");
+    assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("GetRecordRequest"), "{code} {msg}");
+    let mut good = vec![2u8, 0, 0, 0];
+    let body = prost::Message::encode_to_vec(&mutualstore::rpc::pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: 3, ..Default::default() });
+    good.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    good.extend_from_slice(&body);
+    c.write_all(&good).await.unwrap();
+    let (code, answer) = lane_answer_within(&mut c).await.expect("an answer to a record request");
+    assert_eq!(code, 0, "{answer}");
 
     // Lengths past the limits: refused before any body is read, and closed.
     let mut huge = vec![1u8, 0];
     huge.extend_from_slice(&(meta.len() as u16).to_le_bytes());
     huge.extend_from_slice(&u32::MAX.to_le_bytes());
     c.write_all(&huge).await.unwrap();
-    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to an oversized request");
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to an oversized request");
     assert_eq!(code, tonic::Code::InvalidArgument as u8, "{msg}");
-    assert!(bulk_answer_within(&mut c).await.is_none(), "the connection stays open after a request it cannot frame");
+    assert!(lane_answer_within(&mut c).await.is_none(), "the connection stays open after a request it cannot frame");
     // An unknown operation: the same.
-    let mut c = raw_bulk(&addr).await;
+    let mut c = raw_lane(&addr).await;
     c.write_all(&[9u8, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
-    let (code, msg) = bulk_answer_within(&mut c).await.expect("an answer to an unknown operation");
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to an unknown operation");
     assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("unknown"), "{code} {msg}");
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest)).await.expect("closed");
@@ -283,9 +307,9 @@ async fn the_bulk_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     let p = peers.into_iter().next().unwrap();
     p.stop_abruptly().await;
     let r = tokio::time::timeout(Duration::from_secs(30), client.put_shard(&addr, &shards[2])).await.expect("bounded");
-    assert!(r.is_err(), "a stopped peer took a shard over a pooled bulk connection");
+    assert!(r.is_err(), "a stopped peer took a shard over a pooled lane connection");
 }
 
-async fn bulk_answer_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
-    tokio::time::timeout(Duration::from_secs(10), bulk_answer(s)).await.expect("an answer or a close within 10 s")
+async fn lane_answer_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
+    tokio::time::timeout(Duration::from_secs(10), lane_answer(s)).await.expect("an answer or a close within 10 s")
 }

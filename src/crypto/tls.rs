@@ -23,7 +23,7 @@ pub struct RingTls {
     cert_pem: String,
     key_pem: String,
     server: Arc<rustls::ServerConfig>,
-    /// What a bulk-lane connection to another member uses (`rpc::bulk`).
+    /// What a lane-lane connection to another member uses (`rpc::lane`).
     client: Arc<rustls::ClientConfig>,
 }
 
@@ -91,8 +91,8 @@ impl RingTls {
         tokio_rustls::TlsAcceptor::from(self.server.clone())
     }
 
-    /// What a bulk-lane connection to another member uses.
-    pub fn bulk_client_config(&self) -> Arc<rustls::ClientConfig> {
+    /// What a lane-lane connection to another member uses.
+    pub fn lane_client_config(&self) -> Arc<rustls::ClientConfig> {
         self.client.clone()
     }
 

@@ -31,13 +31,13 @@ pub struct GrpcNet {
     suspects: Option<Mutex<HashMap<NetAddr, std::time::Instant>>>,
     /// Membership credentials; None only in a ring created without a secret.
     tls: Option<Arc<RingTls>>,
-    /// Shard writes go over the bulk lane (`bulk`), not gRPC.
-    bulk: super::bulk::BulkPool,
+    /// Shard writes and record reads go over the direct lane (`lane`), not gRPC.
+    lane: super::lane::LanePool,
 }
 
 impl Default for GrpcNet {
     fn default() -> Self {
-        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None, tls: None, bulk: super::bulk::BulkPool::new(None) }
+        GrpcNet { channels: Mutex::new(HashMap::new()), ring_timeout: RING_CALL_TIMEOUT, suspects: None, tls: None, lane: super::lane::LanePool::new(None) }
     }
 }
 
@@ -92,7 +92,7 @@ impl GrpcNet {
 
     /// Connects to members with TLS under the ring's credentials.
     pub fn with_tls(mut self, tls: Option<Arc<RingTls>>) -> Self {
-        self.bulk = super::bulk::BulkPool::new(tls.as_ref().map(|t| t.bulk_client_config()));
+        self.lane = super::lane::LanePool::new(tls.as_ref().map(|t| t.lane_client_config()));
         self.tls = tls;
         self
     }
@@ -228,17 +228,24 @@ impl GrpcNet {
     }
 
     /// Stores a shard; `lazy`: in the peer's page cache when this returns (see `sync`).
-    /// Over the bulk lane, bounded like a block call.
+    /// Over the direct lane, bounded like a block call.
     pub async fn put_shard_as(&self, addr: &NetAddr, shard: &Shard, lazy: bool) -> Result<(), NetError> {
         let budget = BLOCK_CALL_TIMEOUT + CONNECT_TIMEOUT;
-        let r = match tokio::time::timeout(budget, self.bulk.put_shard(addr, &shard.meta.encode(), &shard.data, lazy)).await {
+        let r = match tokio::time::timeout(budget, self.lane.put_shard(addr, &shard.meta.encode(), &shard.data, lazy)).await {
             Err(_) => Err(NetError::Timeout(0)),
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(super::bulk::BulkError::Status(s))) => Err(net_error(addr, s)),
-            Ok(Err(super::bulk::BulkError::Io(e))) => Err(self.explain(NetError::Unreachable(format!("{addr}: bulk lane: {e}")))),
+            Ok(r) => r.map_err(|e| self.lane_error(addr, e)),
         };
         self.observe(addr, &r);
         r
+    }
+
+    /// A failed lane exchange as the same error the gRPC call would have given.
+    fn lane_error(&self, addr: &NetAddr, e: super::lane::LaneError) -> NetError {
+        match e {
+            super::lane::LaneError::Status(s) => net_error(addr, s),
+            super::lane::LaneError::Protocol(m) => NetError::Protocol(format!("{addr}: direct lane: {m}")),
+            super::lane::LaneError::Io(e) => self.explain(NetError::Unreachable(format!("{addr}: direct lane: {e}"))),
+        }
     }
 
     /// Has `addr` put every lazy write it took on disk. Bounded like a record write, not
@@ -321,19 +328,21 @@ impl GrpcNet {
     /// `get_record`; with `replicas`, asks `addr` to answer as the key's primary (see
     /// `GetRecordRequest`): true with the answer if it vouched for it as the newest.
     pub async fn get_record_as(&self, addr: &NetAddr, key: Id, known: u64, replicas: Option<&[NetAddr]>) -> Result<(Fetched, bool), NetError> {
-        let r = async {
-            let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
-            let msg = pb::GetRecordRequest {
-                key: key.to_bytes().to_vec(),
-                known_version: known,
-                as_primary: replicas.is_some(),
-                replicas: replicas.unwrap_or_default().iter().map(|a| a.to_string()).collect(),
-            };
-            let r = with_deadline(RING_CALL_TIMEOUT, c.get_record(Self::request(msg, RING_CALL_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
-            let authoritative = r.authoritative;
-            Ok((fetched_from(addr, known, r)?, authoritative))
-        }
-        .await;
+        let msg = pb::GetRecordRequest {
+            key: key.to_bytes().to_vec(),
+            known_version: known,
+            as_primary: replicas.is_some(),
+            replicas: replicas.unwrap_or_default().iter().map(|a| a.to_string()).collect(),
+        };
+        // Over the direct lane, with the deadline a gRPC call would have.
+        let r = match tokio::time::timeout(RING_CALL_TIMEOUT + CONNECT_TIMEOUT.min(RING_CALL_TIMEOUT), self.lane.get_record(addr, &msg)).await {
+            Err(_) => Err(NetError::Timeout(0)),
+            Ok(Ok(r)) => {
+                let authoritative = r.authoritative;
+                fetched_from(addr, known, r).map(|f| (f, authoritative))
+            }
+            Ok(Err(e)) => Err(self.lane_error(addr, e)),
+        };
         self.observe(addr, &r);
         r
     }

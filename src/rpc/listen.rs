@@ -3,7 +3,7 @@
 //! in a ring with a secret, put through a mutual-TLS handshake that only members pass.
 //! Every refusal is logged (at most once per address per LOG_EVERY, with a count).
 
-use super::bulk::{sniff, BulkServer, Prefixed, Sniffed};
+use super::lane::{sniff, LaneServer, Prefixed, Sniffed};
 use super::coalesce::Coalesce;
 use crate::crypto::tls::RingTls;
 use parking_lot::Mutex;
@@ -117,9 +117,9 @@ async fn next_admitted(listener: &TcpListener, gate: &Gate) -> (Conn, std::net::
     }
 }
 
-/// Plain connections (a ring without a secret), rate-limited. Bulk-lane connections go
-/// to `bulk`; the rest come out here for gRPC.
-pub fn plain(listener: TcpListener, bulk: BulkServer) -> ReceiverStream<Result<GrpcConn, std::io::Error>> {
+/// Plain connections (a ring without a secret), rate-limited. Lane connections go
+/// to `lane`; the rest come out here for gRPC.
+pub fn plain(listener: TcpListener, lane: LaneServer) -> ReceiverStream<Result<GrpcConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let gate = Gate::default();
     tokio::spawn(async move {
@@ -128,19 +128,19 @@ pub fn plain(listener: TcpListener, bulk: BulkServer) -> ReceiverStream<Result<G
             if tx.is_closed() {
                 return;
             }
-            tokio::spawn(route(s, bulk.clone(), tx.clone()));
+            tokio::spawn(route(s, lane.clone(), tx.clone()));
         }
     });
     ReceiverStream::new(rx)
 }
 
-/// Hands a connection to the bulk lane or to gRPC by its first bytes.
-async fn route<S>(s: S, bulk: BulkServer, tx: tokio::sync::mpsc::Sender<Result<Prefixed<S>, std::io::Error>>)
+/// Hands a connection to the direct lane or to gRPC by its first bytes.
+async fn route<S>(s: S, lane: LaneServer, tx: tokio::sync::mpsc::Sender<Result<Prefixed<S>, std::io::Error>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match sniff(s).await {
-        Ok(Sniffed::Bulk(s)) => bulk.serve(s).await,
+        Ok(Sniffed::Lane(s)) => lane.serve(s).await,
         Ok(Sniffed::Other(s)) => {
             let _ = tx.send(Ok(s)).await;
         }
@@ -153,8 +153,8 @@ pub type GrpcConn = Prefixed<Conn>;
 pub type TlsConn = Prefixed<tokio_rustls::server::TlsStream<Conn>>;
 
 /// Connections from members only: each must complete a mutual-TLS handshake under the
-/// ring's authority. Bulk-lane connections (inside TLS) go to `bulk`.
-pub fn tls(listener: TcpListener, tls: Arc<RingTls>, bulk: BulkServer) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+/// ring's authority. Lane connections (inside TLS) go to `lane`.
+pub fn tls(listener: TcpListener, tls: Arc<RingTls>, lane: LaneServer) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let gate = Arc::new(Gate::default());
     let acceptor = tls.acceptor();
@@ -169,12 +169,12 @@ pub fn tls(listener: TcpListener, tls: Arc<RingTls>, bulk: BulkServer) -> Receiv
                 gate.refused(from.ip(), Refusal::Storm, "too many handshakes in progress");
                 continue;
             };
-            let (acceptor, tx, gate, ring, bulk) = (acceptor.clone(), tx.clone(), gate.clone(), tls.ring_id.clone(), bulk.clone());
+            let (acceptor, tx, gate, ring, lane) = (acceptor.clone(), tx.clone(), gate.clone(), tls.ring_id.clone(), lane.clone());
             tokio::spawn(async move {
                 let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(s)).await;
                 drop(permit);
                 match r {
-                    Ok(Ok(conn)) => route(conn, bulk, tx).await,
+                    Ok(Ok(conn)) => route(conn, lane, tx).await,
                     Ok(Err(e)) => gate.refused(from.ip(), Refusal::Handshake, &format!("TLS handshake failed: {e} (not a member of ring {ring}?)")),
                     Err(_) => gate.refused(from.ip(), Refusal::Handshake, "TLS handshake not finished in 5 s"),
                 }

@@ -2,7 +2,7 @@
 //! knows protobuf types; everything crossing it is converted to domain types and
 //! validated at the boundary (a bad message is `InvalidArgument`, never a panic).
 
-pub mod bulk;
+pub mod lane;
 pub mod client;
 pub mod codec;
 pub mod coalesce;

@@ -102,8 +102,23 @@ impl PeerService {
 }
 
 impl PeerService {
-    /// Checks a shard against its header and stores it: the PutShard call and the bulk
-    /// lane (`bulk`) both end here.
+    /// A record read: the GetRecord call and the direct lane (`lane`) both end here.
+    pub(super) async fn read_record(&self, r: pb::GetRecordRequest) -> Result<pb::GetRecordResponse, Status> {
+        let key = id_from(&r.key, "key")?;
+        if !r.as_primary {
+            let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
+            return Ok(record_response(f));
+        }
+        if r.replicas.len() > MAX_RECORD_REPLICAS {
+            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
+        }
+        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        let read = self.state.records.get_primary(key, r.known_version, replicas).await.map_err(record_status)?;
+        Ok(pb::GetRecordResponse { authoritative: read.authoritative, ..record_response(read.fetched) })
+    }
+
+    /// Checks a shard against its header and stores it: the PutShard call and the direct
+    /// lane (`lane`) both end here.
     pub(super) async fn take_shard(&self, meta_bytes: Vec<u8>, data: bytes::Bytes, lazy: bool) -> Result<(), Status> {
         let meta = ShardMeta::decode(&meta_bytes).map_err(|e| Status::invalid_argument(format!("shard header: {e}")))?;
         if self.state.draining.load(Ordering::Relaxed) {
@@ -367,18 +382,7 @@ impl Peer for PeerService {
     }
 
     async fn get_record(&self, req: Request<pb::GetRecordRequest>) -> Result<Response<pb::GetRecordResponse>, Status> {
-        let r = req.into_inner();
-        let key = id_from(&r.key, "key")?;
-        if !r.as_primary {
-            let f = self.state.records.get(key, r.known_version).await.map_err(record_status)?;
-            return Ok(Response::new(record_response(f)));
-        }
-        if r.replicas.len() > MAX_RECORD_REPLICAS {
-            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
-        }
-        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
-        let read = self.state.records.get_primary(key, r.known_version, replicas).await.map_err(record_status)?;
-        Ok(Response::new(pb::GetRecordResponse { authoritative: read.authoritative, ..record_response(read.fetched) }))
+        Ok(Response::new(self.read_record(req.into_inner()).await?))
     }
 
     async fn get_records(&self, req: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {

@@ -141,19 +141,19 @@ pub async fn wait_converged(peers: &[&RunningPeer], max: Duration) -> (usize, us
 pub mod procs;
 pub mod mount;
 
-/// A raw bulk-lane connection (`rpc::bulk`) to a member of a test ring: TLS with the
+/// A raw lane-lane connection (`rpc::lane`) to a member of a test ring: TLS with the
 /// test ring's credentials, the lane's magic already sent.
-pub async fn raw_bulk(addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+pub async fn raw_lane(addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(mutualstore::crypto::tls::SERVER_NAME).unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(test_tls().unwrap().bulk_client_config()).connect(name, tcp).await.unwrap();
-    s.write_all(&mutualstore::rpc::bulk::MAGIC).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(test_tls().unwrap().lane_client_config()).connect(name, tcp).await.unwrap();
+    s.write_all(&mutualstore::rpc::lane::MAGIC).await.unwrap();
     s
 }
 
-/// A bulk-lane put request: op 1, flags, lengths, header, data.
-pub fn bulk_put(meta: &[u8], data: &[u8], lazy: bool) -> Vec<u8> {
+/// A lane-lane put request: op 1, flags, lengths, header, data.
+pub fn lane_put(meta: &[u8], data: &[u8], lazy: bool) -> Vec<u8> {
     let mut v = vec![1u8, lazy as u8];
     v.extend_from_slice(&(meta.len() as u16).to_le_bytes());
     v.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -162,8 +162,8 @@ pub fn bulk_put(meta: &[u8], data: &[u8], lazy: bool) -> Vec<u8> {
     v
 }
 
-/// The next answer on a bulk connection: Some((status code, message)), None at EOF.
-pub async fn bulk_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
+/// The next answer on a lane connection: Some((status code, message)), None at EOF.
+pub async fn lane_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; 5];
     s.read_exact(&mut h).await.ok()?;

@@ -1,4 +1,5 @@
-//! The bulk lane: shard writes outside HTTP/2, on the same port as the gRPC service.
+//! The direct lane: shard writes and record reads outside HTTP/2, on the same port as
+//! the gRPC service.
 //!
 //! Why: a 1 MiB shard sent as a gRPC message was copied twice more than the bytes need —
 //! tonic encodes it into its own buffer at the sender, and gathers the HTTP/2 frames
@@ -6,28 +7,36 @@
 //! copies were a tenth of the mount's CPU and a fifth of each peer's, on a machine where
 //! the write is bound by CPU. Here a shard goes from the sender's buffer to the socket
 //! and from the socket into the buffer the disk image writes from: one copy each way,
-//! the kernel's.
+//! the kernel's. A record read (what every open does, for close-to-open) is a small
+//! call whose time was mostly hyper's: the request passes from the caller's task to the
+//! connection's task and the answer back, at both ends. Here the caller writes and
+//! reads its own connection.
 //!
-//! A connection says which it is in its first bytes: `MAGIC` for the bulk lane, anything
-//! else (the HTTP/2 preface) goes on to gRPC with those bytes replayed (`Prefixed`). In a
+//! A connection says which it is in its first bytes: `MAGIC` for the lane, anything else
+//! (the HTTP/2 preface) goes on to gRPC with those bytes replayed (`Prefixed`). In a
 //! ring with a secret this happens inside the mutual-TLS session, so the lane admits
 //! exactly the members gRPC admits, through the same gate.
 //!
 //! Wire format (little-endian), after the 8-byte `MAGIC`, any number of exchanges, one
 //! at a time per connection:
-//! - request: op `u8` (1 = put shard), flags `u8` (bit 0: lazy), meta length `u16`,
-//!   data length `u32`, then the shard header (`ShardMeta`) and the shard's bytes;
-//! - answer: gRPC status code `u8` (0 = stored), message length `u32`, message (UTF-8).
+//! - request: op `u8`, flags `u8`, head length `u16`, body length `u32`, head, body.
+//!   Op 1, put shard: head = the shard header (`ShardMeta`), body = the shard's bytes,
+//!   flag bit 0 = lazy. Op 2, get record: no head, body = a protobuf `GetRecordRequest`.
+//! - answer: gRPC status code `u8` (0 = OK), length `u32`, then that many bytes: on OK
+//!   the result (nothing for a put, a protobuf `GetRecordResponse` for a get), otherwise
+//!   the status message (UTF-8).
 //!
 //! A request the peer cannot frame (unknown op, lengths past the limits) is answered
 //! with INVALID_ARGUMENT and the connection closed; a request it can frame but refuses
-//! (bad checksum, full disk, draining) is answered with the same status the gRPC call
-//! gives, and the connection stays open. Shard writes are idempotent (a shard's key
-//! names its content), so a client may retry one on a fresh connection.
+//! (bad checksum, full disk, draining, a malformed protobuf) is answered with the same
+//! status the gRPC call gives, and the connection stays open. Both operations may be
+//! repeated (a shard's key names its content; a read changes nothing), so a client may
+//! retry one on a fresh connection.
 
 use super::server::PeerService;
 use super::{NetAddr, CONNECT_TIMEOUT};
 use bytes::{BufMut, BytesMut};
+use prost::Message;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
@@ -39,18 +48,23 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::Status;
 
-/// First bytes of a bulk connection ("MSBULK", version 1). Cannot begin an HTTP/2
+/// First bytes of a lane connection ("MSLANE", version 1). Cannot begin an HTTP/2
 /// preface ("PRI * ...") or a TLS record (0x16).
-pub const MAGIC: [u8; 8] = *b"MSBULK\x00\x01";
-const OP_PUT_SHARD: u8 = 1;
-const FLAG_LAZY: u8 = 1;
+pub const MAGIC: [u8; 8] = *b"MSLANE\x00\x01";
+pub const OP_PUT_SHARD: u8 = 1;
+pub const OP_GET_RECORD: u8 = 2;
+pub const FLAG_LAZY: u8 = 1;
 /// Largest shard header accepted (a `ShardMeta` is 56 bytes).
 const MAX_META: usize = 1024;
 /// Largest shard accepted: what a block may hold.
 const MAX_DATA: usize = crate::blockstore::MAX_DATA_BYTES;
-/// Longest message in an answer.
+/// Largest body of any other request (a GetRecordRequest names at most 16 replicas).
+const MAX_SMALL_BODY: usize = 64 << 10;
+/// Longest message in a refusal.
 const MAX_MESSAGE: usize = 64 << 10;
-/// A peer closes a bulk connection idle this long; a client reuses one only if it has
+/// Largest answer: a record, as large as a gRPC message may be.
+const MAX_ANSWER: usize = super::MAX_MESSAGE_BYTES;
+/// A peer closes a lane connection idle this long; a client reuses one only if it has
 /// been idle for less than half of it (so it never sends into a closing connection).
 const SERVER_IDLE: Duration = Duration::from_secs(120);
 const CLIENT_IDLE: Duration = Duration::from_secs(60);
@@ -61,20 +75,20 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a peer waits for the rest of a request once its header came.
 const BODY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Anything a bulk exchange runs over: TCP, or TLS over TCP.
-pub trait BulkIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> BulkIo for T {}
+/// Anything a lane exchange runs over: TCP, or TLS over TCP.
+pub trait LaneIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LaneIo for T {}
 
 // ---------------------------------------------------------------- the peer's side
 
 /// What a new connection's first bytes say.
 pub enum Sniffed<S> {
-    Bulk(S),
-    /// Not the bulk lane: the stream, with the bytes already read put back in front.
+    Lane(S),
+    /// Not the lane: the stream, with the bytes already read put back in front.
     Other(Prefixed<S>),
 }
 
-/// Reads just enough of a new connection to tell the bulk lane from anything else: an
+/// Reads just enough of a new connection to tell the lane from anything else: an
 /// HTTP/2 client's first byte already differs, so gRPC connections wait for no more
 /// than they sent.
 pub async fn sniff<S: AsyncRead + Unpin>(mut s: S) -> io::Result<Sniffed<S>> {
@@ -91,7 +105,7 @@ pub async fn sniff<S: AsyncRead + Unpin>(mut s: S) -> io::Result<Sniffed<S>> {
         Ok::<(), io::Error>(())
     };
     tokio::time::timeout(SNIFF_TIMEOUT, read).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no bytes from a new connection in 5 s"))??;
-    Ok(if got == MAGIC { Sniffed::Bulk(s) } else { Sniffed::Other(Prefixed { head: got, at: 0, io: s }) })
+    Ok(if got == MAGIC { Sniffed::Lane(s) } else { Sniffed::Other(Prefixed { head: got, at: 0, io: s }) })
 }
 
 /// A stream whose first bytes were read already and are served again first.
@@ -139,38 +153,38 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
-/// Where the listener hands bulk connections: the peer's service, while it runs.
+/// Where the listener hands lane connections: the peer's service, while it runs.
 #[derive(Clone)]
-pub struct BulkServer {
+pub struct LaneServer {
     svc: PeerService,
-    /// Ends (its sender is dropped) when the peer stops serving: open bulk connections
+    /// Ends (its sender is dropped) when the peer stops serving: open lane connections
     /// close with it, as gRPC's do.
     alive: tokio::sync::watch::Receiver<()>,
 }
 
-impl BulkServer {
-    pub fn new(svc: PeerService, alive: tokio::sync::watch::Receiver<()>) -> BulkServer {
-        BulkServer { svc, alive }
+impl LaneServer {
+    pub fn new(svc: PeerService, alive: tokio::sync::watch::Receiver<()>) -> LaneServer {
+        LaneServer { svc, alive }
     }
 
-    /// Serves one bulk connection until the client closes it, it idles, it breaks the
+    /// Serves one lane connection until the client closes it, it idles, it breaks the
     /// framing, or the peer stops.
-    pub async fn serve(self, conn: impl BulkIo + 'static) {
-        let BulkServer { svc, mut alive } = self;
+    pub async fn serve(self, conn: impl LaneIo + 'static) {
+        let LaneServer { svc, mut alive } = self;
         if alive.has_changed().is_err() {
             return;
         }
         let mut conn = conn;
         tokio::select! {
             r = serve_requests(&svc, &mut conn) => if let Err(e) = r {
-                log::debug!("bulk connection ended: {e}");
+                log::debug!("lane connection ended: {e}");
             },
             _ = alive.changed() => {}
         }
     }
 }
 
-async fn serve_requests(svc: &PeerService, conn: &mut (impl BulkIo + 'static)) -> io::Result<()> {
+async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -> io::Result<()> {
     loop {
         let mut h = [0u8; 8];
         match tokio::time::timeout(SERVER_IDLE, conn.read_exact(&mut h)).await {
@@ -179,112 +193,142 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl BulkIo + 'static)) -
             Ok(r) => r?,
         };
         let (op, flags) = (h[0], h[1]);
-        let meta_len = u16::from_le_bytes([h[2], h[3]]) as usize;
-        let data_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
-        let framing = if op != OP_PUT_SHARD {
-            Some(format!("unknown bulk operation {op}"))
-        } else if meta_len > MAX_META || data_len > MAX_DATA {
-            Some(format!("shard header of {meta_len} bytes and data of {data_len} bytes (at most {MAX_META} and {MAX_DATA})"))
+        let head_len = u16::from_le_bytes([h[2], h[3]]) as usize;
+        let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        let (max_head, max_body) = match op {
+            OP_PUT_SHARD => (MAX_META, MAX_DATA),
+            OP_GET_RECORD => (0, MAX_SMALL_BODY),
+            _ => (0, 0),
+        };
+        let framing = if op != OP_PUT_SHARD && op != OP_GET_RECORD {
+            Some(format!("unknown lane operation {op}"))
+        } else if head_len > max_head || body_len > max_body {
+            Some(format!("operation {op} with a {head_len}-byte head and a {body_len}-byte body (at most {max_head} and {max_body})"))
         } else {
             None
         };
         if let Some(why) = framing {
             answer(conn, &Err(Status::invalid_argument(why))).await?;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "unframeable bulk request"));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "unframeable lane request"));
         }
-        let body = async {
-            let mut meta = vec![0u8; meta_len];
-            conn.read_exact(&mut meta).await?;
-            let mut data = BytesMut::with_capacity(data_len);
-            while data.len() < data_len {
-                let want = data_len - data.len();
-                if conn.read_buf(&mut (&mut data).limit(want)).await? == 0 {
+        let read = async {
+            let mut head = vec![0u8; head_len];
+            conn.read_exact(&mut head).await?;
+            let mut body = BytesMut::with_capacity(body_len);
+            while body.len() < body_len {
+                let want = body_len - body.len();
+                if conn.read_buf(&mut (&mut body).limit(want)).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
-            Ok::<_, io::Error>((meta, data.freeze()))
+            Ok::<_, io::Error>((head, body.freeze()))
         };
-        let (meta, data) = tokio::time::timeout(BODY_TIMEOUT, body)
+        let (head, body) = tokio::time::timeout(BODY_TIMEOUT, read)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "bulk request body not sent within 20 s"))??;
-        let r = svc.take_shard(meta, data, flags & FLAG_LAZY != 0).await;
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "lane request body not sent within 20 s"))??;
+        let r = match op {
+            OP_PUT_SHARD => svc.take_shard(head, body, flags & FLAG_LAZY != 0).await.map(|()| Vec::new()),
+            _ => match super::pb::GetRecordRequest::decode(body) {
+                Ok(req) => svc.read_record(req).await.map(|a| a.encode_to_vec()),
+                Err(e) => Err(Status::invalid_argument(format!("GetRecordRequest: {e}"))),
+            },
+        };
         answer(conn, &r).await?;
     }
 }
 
-async fn answer(conn: &mut (impl BulkIo + 'static), r: &Result<(), Status>) -> io::Result<()> {
-    let (code, msg) = match r {
-        Ok(()) => (0u8, ""),
-        Err(s) => (s.code() as i32 as u8, s.message()),
+async fn answer(conn: &mut (impl LaneIo + 'static), r: &Result<Vec<u8>, Status>) -> io::Result<()> {
+    let (code, bytes) = match r {
+        Ok(b) => (0u8, b.as_slice()),
+        Err(s) => (s.code() as i32 as u8, &s.message().as_bytes()[..s.message().len().min(MAX_MESSAGE)]),
     };
-    let msg = &msg.as_bytes()[..msg.len().min(MAX_MESSAGE)];
-    let mut out = Vec::with_capacity(5 + msg.len());
+    let mut out = Vec::with_capacity(5 + bytes.len());
     out.push(code);
-    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    out.extend_from_slice(msg);
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
     conn.write_all(&out).await?;
     conn.flush().await
 }
 
 // ---------------------------------------------------------------- the client's side
 
-/// Why a bulk exchange failed.
+/// Why a lane exchange failed.
 #[derive(Debug)]
-pub enum BulkError {
+pub enum LaneError {
     /// The peer answered with this status.
     Status(Status),
-    /// The connection failed (connect, TLS, I/O, framing of the answer).
+    /// The connection failed (connect, TLS, I/O).
     Io(io::Error),
+    /// The peer's answer makes no sense (too long, not the message it should be).
+    Protocol(String),
 }
 
-type Pooled = (Instant, Box<dyn BulkIo>);
+type Pooled = (Instant, Box<dyn LaneIo>);
 
 /// Bulk connections to other peers: idle ones kept per address, a new one opened
 /// whenever all are busy.
-pub struct BulkPool {
+pub struct LanePool {
     idle: Mutex<HashMap<NetAddr, Vec<Pooled>>>,
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
-impl BulkPool {
-    pub fn new(tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>) -> BulkPool {
-        BulkPool { idle: Mutex::new(HashMap::new()), tls: tls.map(tokio_rustls::TlsConnector::from) }
+impl LanePool {
+    pub fn new(tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>) -> LanePool {
+        LanePool { idle: Mutex::new(HashMap::new()), tls: tls.map(tokio_rustls::TlsConnector::from) }
     }
 
-    /// Stores a shard at `addr` (the caller bounds the time). Retried once on a fresh
-    /// connection when a reused one fails before the answer: the peer may have closed it.
-    pub async fn put_shard(&self, addr: &NetAddr, meta: &[u8], data: &[u8], lazy: bool) -> Result<(), BulkError> {
+    /// Stores a shard at `addr` (the caller bounds the time).
+    pub async fn put_shard(&self, addr: &NetAddr, meta: &[u8], data: &[u8], lazy: bool) -> Result<(), LaneError> {
         if meta.len() > MAX_META || data.len() > MAX_DATA {
-            return Err(BulkError::Status(Status::invalid_argument(format!("a shard of {} bytes with a {}-byte header is too large to send", data.len(), meta.len()))));
+            return Err(LaneError::Status(Status::invalid_argument(format!("a shard of {} bytes with a {}-byte header is too large to send", data.len(), meta.len()))));
         }
-        let mut head = Vec::with_capacity(8 + meta.len());
-        head.extend_from_slice(&[OP_PUT_SHARD, if lazy { FLAG_LAZY } else { 0 }]);
-        head.extend_from_slice(&(meta.len() as u16).to_le_bytes());
-        head.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        head.extend_from_slice(meta);
+        self.call(addr, OP_PUT_SHARD, if lazy { FLAG_LAZY } else { 0 }, meta, data).await.map(drop)
+    }
+
+    /// A record read (see the GetRecord call), answered by `addr`.
+    pub async fn get_record(&self, addr: &NetAddr, req: &super::pb::GetRecordRequest) -> Result<super::pb::GetRecordResponse, LaneError> {
+        let body = req.encode_to_vec();
+        if body.len() > MAX_SMALL_BODY {
+            return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte record request", body.len()))));
+        }
+        let answer = self.call(addr, OP_GET_RECORD, 0, &[], &body).await?;
+        super::pb::GetRecordResponse::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("GetRecordResponse: {e}")))
+    }
+
+    /// One exchange; the answer's bytes on OK. Retried once on a fresh connection when a
+    /// reused one fails before the answer: the peer may have closed it.
+    async fn call(&self, addr: &NetAddr, op: u8, flags: u8, head: &[u8], body: &[u8]) -> Result<Vec<u8>, LaneError> {
+        let mut h = Vec::with_capacity(8 + head.len());
+        h.extend_from_slice(&[op, flags]);
+        h.extend_from_slice(&(head.len() as u16).to_le_bytes());
+        h.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        h.extend_from_slice(head);
         if let Some(mut c) = self.take_idle(addr) {
-            match exchange(&mut c, &head, data).await {
+            match exchange(&mut c, &h, body).await {
                 Ok(r) => {
                     self.give_back(addr, c);
-                    return r.map_err(BulkError::Status);
+                    return r.map_err(LaneError::Status);
                 }
-                Err(e) => log::debug!("{addr}: reused bulk connection failed ({e}); retrying on a new one"),
+                Err(e) => log::debug!("{addr}: reused lane connection failed ({e}); retrying on a new one"),
             }
         }
-        let mut c = self.connect(addr).await.map_err(BulkError::Io)?;
-        let r = exchange(&mut c, &head, data).await.map_err(BulkError::Io)?;
+        let mut c = self.connect(addr).await.map_err(LaneError::Io)?;
+        let r = exchange(&mut c, &h, body).await.map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData if e.get_ref().is_some_and(|i| i.is::<AnswerTooLong>()) => LaneError::Protocol(e.to_string()),
+            _ => LaneError::Io(e),
+        })?;
         self.give_back(addr, c);
-        r.map_err(BulkError::Status)
+        r.map_err(LaneError::Status)
     }
 
-    fn take_idle(&self, addr: &NetAddr) -> Option<Box<dyn BulkIo>> {
+    fn take_idle(&self, addr: &NetAddr) -> Option<Box<dyn LaneIo>> {
         let mut m = self.idle.lock();
         let v = m.get_mut(addr)?;
         v.retain(|(t, _)| t.elapsed() < CLIENT_IDLE);
         v.pop().map(|(_, c)| c)
     }
 
-    fn give_back(&self, addr: &NetAddr, c: Box<dyn BulkIo>) {
+    fn give_back(&self, addr: &NetAddr, c: Box<dyn LaneIo>) {
         let mut m = self.idle.lock();
         let v = m.entry(addr.clone()).or_default();
         if v.len() < MAX_IDLE_PER_PEER {
@@ -292,13 +336,13 @@ impl BulkPool {
         }
     }
 
-    async fn connect(&self, addr: &NetAddr) -> io::Result<Box<dyn BulkIo>> {
+    async fn connect(&self, addr: &NetAddr) -> io::Result<Box<dyn LaneIo>> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&**addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no TCP connection within {} ms", CONNECT_TIMEOUT.as_millis())))??;
         // The answer is small and must not wait for Nagle + delayed ACK.
         tcp.set_nodelay(true)?;
-        let mut c: Box<dyn BulkIo> = match &self.tls {
+        let mut c: Box<dyn LaneIo> = match &self.tls {
             None => Box::new(tcp),
             Some(t) => {
                 let name = tokio_rustls::rustls::pki_types::ServerName::try_from(crate::crypto::tls::SERVER_NAME).expect("a valid DNS name");
@@ -313,22 +357,34 @@ impl BulkPool {
     }
 }
 
+#[derive(Debug)]
+struct AnswerTooLong(usize);
+
+impl std::fmt::Display for AnswerTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a lane answer of {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for AnswerTooLong {}
+
 /// One request and its answer. Err: the connection failed; Ok(Err): the peer refused.
-async fn exchange(c: &mut Box<dyn BulkIo>, head: &[u8], data: &[u8]) -> io::Result<Result<(), Status>> {
+async fn exchange(c: &mut Box<dyn LaneIo>, head: &[u8], body: &[u8]) -> io::Result<Result<Vec<u8>, Status>> {
     c.write_all(head).await?;
-    c.write_all(data).await?;
+    c.write_all(body).await?;
     c.flush().await?;
     let mut h = [0u8; 5];
     c.read_exact(&mut h).await?;
     let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
-    if len > MAX_MESSAGE {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bulk answer with a {len}-byte message")));
+    let limit = if h[0] == 0 { MAX_ANSWER } else { MAX_MESSAGE };
+    if len > limit {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, AnswerTooLong(len)));
     }
-    let mut msg = vec![0u8; len];
-    c.read_exact(&mut msg).await?;
+    let mut bytes = vec![0u8; len];
+    c.read_exact(&mut bytes).await?;
     Ok(match h[0] {
-        0 => Ok(()),
-        code => Err(Status::new(tonic::Code::from_i32(code as i32), String::from_utf8_lossy(&msg).into_owned())),
+        0 => Ok(bytes),
+        code => Err(Status::new(tonic::Code::from_i32(code as i32), String::from_utf8_lossy(&bytes).into_owned())),
     })
 }
 
@@ -340,7 +396,7 @@ mod tests {
     async fn sniffing_tells_the_lane_and_gives_grpc_its_bytes_back() {
         let (mut a, b) = tokio::io::duplex(1024);
         a.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        let Sniffed::Other(mut p) = sniff(b).await.unwrap() else { panic!("an HTTP/2 preface taken for the bulk lane") };
+        let Sniffed::Other(mut p) = sniff(b).await.unwrap() else { panic!("an HTTP/2 preface taken for the lane") };
         let mut got = vec![0u8; 24];
         p.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "every byte replayed, in order");
@@ -354,7 +410,7 @@ mod tests {
             a.write_all(b"next").await.unwrap();
             a
         });
-        let Sniffed::Bulk(mut s) = sniff(b).await.unwrap() else { panic!("the bulk magic not recognised") };
+        let Sniffed::Lane(mut s) = sniff(b).await.unwrap() else { panic!("the lane's magic not recognised") };
         let _a = writer.await.unwrap();
         let mut next = [0u8; 4];
         s.read_exact(&mut next).await.unwrap();
