@@ -176,6 +176,12 @@ fn fuzz_the_direct_lane_on_a_real_socket() {
         v.extend_from_slice(&body);
         valid.push(v);
     }
+    let many = pb::GetRecordsRequest { items: (0..3u8).map(|i| pb::GetRecordRequest { key: vec![i; 20], known_version: i as u64, ..Default::default() }).collect() };
+    let body = many.encode_to_vec();
+    let mut v = vec![3u8, 0, 0, 0];
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    v.extend_from_slice(&body);
+    valid.push(v);
     let (n, answered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner()
         .run(&hostile(valid), |bytes| {

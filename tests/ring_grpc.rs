@@ -269,6 +269,8 @@ async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
         mutualstore::meta::Fetched::Got(r) => assert_eq!(r, rec),
         other => panic!("a record read over the lane: {other:?}"),
     }
+    let many = peers[0].net.get_records(&addr, &[(key, 0), (Id::sha1(b"no such record"), 0)]).await.unwrap();
+    assert_eq!(many, vec![Some(mutualstore::meta::Fetched::Got(rec.clone())), Some(mutualstore::meta::Fetched::Got(Default::default()))]);
     let mut bad = vec![2u8, 0, 0, 0];
     bad.extend_from_slice(&3u32.to_le_bytes());
     bad.extend_from_slice(&[0xff, 0xff, 0xff]);

@@ -352,11 +352,14 @@ impl GrpcNet {
     pub async fn get_records(&self, addr: &NetAddr, keys: &[(Id, u64)]) -> Result<Vec<Option<Fetched>>, NetError> {
         let r = async {
             let mut out = Vec::with_capacity(keys.len());
+            // A request of MAX_RECORDS_PER_CALL keys stays well inside the lane's limit.
             for chunk in keys.chunks(MAX_RECORDS_PER_CALL) {
-                let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
                 let items = chunk.iter().map(|(k, known)| pb::GetRecordRequest { key: k.to_bytes().to_vec(), known_version: *known, ..Default::default() }).collect();
-                let req = Self::request(pb::GetRecordsRequest { items }, RING_CALL_TIMEOUT);
-                let r = with_deadline(RING_CALL_TIMEOUT, c.get_records(req)).await.map_err(|s| net_error(addr, s))?.into_inner();
+                let req = pb::GetRecordsRequest { items };
+                let r = match tokio::time::timeout(RING_CALL_TIMEOUT + CONNECT_TIMEOUT.min(RING_CALL_TIMEOUT), self.lane.get_records(addr, &req)).await {
+                    Err(_) => return Err(NetError::Timeout(0)),
+                    Ok(r) => r.map_err(|e| self.lane_error(addr, e))?,
+                };
                 if r.items.len() != chunk.len() {
                     return Err(NetError::Protocol(format!("{addr} answered {} records for {} asked", r.items.len(), chunk.len())));
                 }

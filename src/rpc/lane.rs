@@ -21,10 +21,11 @@
 //! at a time per connection:
 //! - request: op `u8`, flags `u8`, head length `u16`, body length `u32`, head, body.
 //!   Op 1, put shard: head = the shard header (`ShardMeta`), body = the shard's bytes,
-//!   flag bit 0 = lazy. Op 2, get record: no head, body = a protobuf `GetRecordRequest`.
+//!   flag bit 0 = lazy. Op 2, get record, and op 3, get records: no head, body = a
+//!   protobuf `GetRecordRequest` / `GetRecordsRequest`.
 //! - answer: gRPC status code `u8` (0 = OK), length `u32`, then that many bytes: on OK
-//!   the result (nothing for a put, a protobuf `GetRecordResponse` for a get), otherwise
-//!   the status message (UTF-8).
+//!   the result (nothing for a put, the protobuf `GetRecordResponse` /
+//!   `GetRecordsResponse` for a read), otherwise the status message (UTF-8).
 //!
 //! A request the peer cannot frame (unknown op, lengths past the limits) is answered
 //! with INVALID_ARGUMENT and the connection closed; a request it can frame but refuses
@@ -53,6 +54,7 @@ use tonic::Status;
 pub const MAGIC: [u8; 8] = *b"MSLANE\x00\x01";
 pub const OP_PUT_SHARD: u8 = 1;
 pub const OP_GET_RECORD: u8 = 2;
+pub const OP_GET_RECORDS: u8 = 3;
 pub const FLAG_LAZY: u8 = 1;
 /// Largest shard header accepted (a `ShardMeta` is 56 bytes).
 const MAX_META: usize = 1024;
@@ -70,6 +72,10 @@ const SERVER_IDLE: Duration = Duration::from_secs(120);
 const CLIENT_IDLE: Duration = Duration::from_secs(60);
 /// Idle connections a client keeps per peer (one per concurrent shard write is opened).
 const MAX_IDLE_PER_PEER: usize = 16;
+/// Read buffer of a lane connection, at each end.
+const READ_BUFFER: usize = 8 << 10;
+/// Requests up to this size go out in one write (one TLS record, one send).
+const ONE_WRITE_BELOW: usize = 16 << 10;
 /// How long a peer waits for the first bytes of a connection.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a peer waits for the rest of a request once its header came.
@@ -174,7 +180,9 @@ impl LaneServer {
         if alive.has_changed().is_err() {
             return;
         }
-        let mut conn = conn;
+        // Buffered reads: a small request's header and body come in one read. A shard's
+        // body is larger than the buffer and is read past it, straight into its own.
+        let mut conn = tokio::io::BufReader::with_capacity(READ_BUFFER, conn);
         tokio::select! {
             r = serve_requests(&svc, &mut conn) => if let Err(e) = r {
                 log::debug!("lane connection ended: {e}");
@@ -197,10 +205,10 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
         let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         let (max_head, max_body) = match op {
             OP_PUT_SHARD => (MAX_META, MAX_DATA),
-            OP_GET_RECORD => (0, MAX_SMALL_BODY),
+            OP_GET_RECORD | OP_GET_RECORDS => (0, MAX_SMALL_BODY),
             _ => (0, 0),
         };
-        let framing = if op != OP_PUT_SHARD && op != OP_GET_RECORD {
+        let framing = if ![OP_PUT_SHARD, OP_GET_RECORD, OP_GET_RECORDS].contains(&op) {
             Some(format!("unknown lane operation {op}"))
         } else if head_len > max_head || body_len > max_body {
             Some(format!("operation {op} with a {head_len}-byte head and a {body_len}-byte body (at most {max_head} and {max_body})"))
@@ -228,9 +236,13 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "lane request body not sent within 20 s"))??;
         let r = match op {
             OP_PUT_SHARD => svc.take_shard(head, body, flags & FLAG_LAZY != 0).await.map(|()| Vec::new()),
-            _ => match super::pb::GetRecordRequest::decode(body) {
+            OP_GET_RECORD => match super::pb::GetRecordRequest::decode(body) {
                 Ok(req) => svc.read_record(req).await.map(|a| a.encode_to_vec()),
                 Err(e) => Err(Status::invalid_argument(format!("GetRecordRequest: {e}"))),
+            },
+            _ => match super::pb::GetRecordsRequest::decode(body) {
+                Ok(req) => svc.read_records(req).await.map(|a| a.encode_to_vec()),
+                Err(e) => Err(Status::invalid_argument(format!("GetRecordsRequest: {e}"))),
             },
         };
         answer(conn, &r).await?;
@@ -263,7 +275,8 @@ pub enum LaneError {
     Protocol(String),
 }
 
-type Pooled = (Instant, Box<dyn LaneIo>);
+type Conn = tokio::io::BufReader<Box<dyn LaneIo>>;
+type Pooled = (Instant, Conn);
 
 /// Bulk connections to other peers: idle ones kept per address, a new one opened
 /// whenever all are busy.
@@ -295,6 +308,16 @@ impl LanePool {
         super::pb::GetRecordResponse::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("GetRecordResponse: {e}")))
     }
 
+    /// Many record reads in one exchange (see the GetRecords call).
+    pub async fn get_records(&self, addr: &NetAddr, req: &super::pb::GetRecordsRequest) -> Result<super::pb::GetRecordsResponse, LaneError> {
+        let body = req.encode_to_vec();
+        if body.len() > MAX_SMALL_BODY {
+            return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte records request", body.len()))));
+        }
+        let answer = self.call(addr, OP_GET_RECORDS, 0, &[], &body).await?;
+        super::pb::GetRecordsResponse::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("GetRecordsResponse: {e}")))
+    }
+
     /// One exchange; the answer's bytes on OK. Retried once on a fresh connection when a
     /// reused one fails before the answer: the peer may have closed it.
     async fn call(&self, addr: &NetAddr, op: u8, flags: u8, head: &[u8], body: &[u8]) -> Result<Vec<u8>, LaneError> {
@@ -321,14 +344,14 @@ impl LanePool {
         r.map_err(LaneError::Status)
     }
 
-    fn take_idle(&self, addr: &NetAddr) -> Option<Box<dyn LaneIo>> {
+    fn take_idle(&self, addr: &NetAddr) -> Option<Conn> {
         let mut m = self.idle.lock();
         let v = m.get_mut(addr)?;
         v.retain(|(t, _)| t.elapsed() < CLIENT_IDLE);
         v.pop().map(|(_, c)| c)
     }
 
-    fn give_back(&self, addr: &NetAddr, c: Box<dyn LaneIo>) {
+    fn give_back(&self, addr: &NetAddr, c: Conn) {
         let mut m = self.idle.lock();
         let v = m.entry(addr.clone()).or_default();
         if v.len() < MAX_IDLE_PER_PEER {
@@ -336,7 +359,7 @@ impl LanePool {
         }
     }
 
-    async fn connect(&self, addr: &NetAddr) -> io::Result<Box<dyn LaneIo>> {
+    async fn connect(&self, addr: &NetAddr) -> io::Result<Conn> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&**addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no TCP connection within {} ms", CONNECT_TIMEOUT.as_millis())))??;
@@ -353,7 +376,7 @@ impl LanePool {
             }
         };
         c.write_all(&MAGIC).await?;
-        Ok(c)
+        Ok(tokio::io::BufReader::with_capacity(READ_BUFFER, c))
     }
 }
 
@@ -369,9 +392,16 @@ impl std::fmt::Display for AnswerTooLong {
 impl std::error::Error for AnswerTooLong {}
 
 /// One request and its answer. Err: the connection failed; Ok(Err): the peer refused.
-async fn exchange(c: &mut Box<dyn LaneIo>, head: &[u8], body: &[u8]) -> io::Result<Result<Vec<u8>, Status>> {
-    c.write_all(head).await?;
-    c.write_all(body).await?;
+async fn exchange(c: &mut Conn, head: &[u8], body: &[u8]) -> io::Result<Result<Vec<u8>, Status>> {
+    if head.len() + body.len() < ONE_WRITE_BELOW {
+        let mut all = Vec::with_capacity(head.len() + body.len());
+        all.extend_from_slice(head);
+        all.extend_from_slice(body);
+        c.write_all(&all).await?;
+    } else {
+        c.write_all(head).await?;
+        c.write_all(body).await?;
+    }
     c.flush().await?;
     let mut h = [0u8; 5];
     c.read_exact(&mut h).await?;

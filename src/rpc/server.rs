@@ -102,6 +102,27 @@ impl PeerService {
 }
 
 impl PeerService {
+    /// Many record reads: the GetRecords call and the direct lane both end here.
+    pub(super) async fn read_records(&self, r: pb::GetRecordsRequest) -> Result<pb::GetRecordsResponse, Status> {
+        if r.items.len() > MAX_RECORDS_PER_CALL {
+            return Err(Status::invalid_argument(format!("{} records in one request (max {MAX_RECORDS_PER_CALL})", r.items.len())));
+        }
+        let keys = r.items.iter().map(|i| Ok((id_from(&i.key, "key")?, i.known_version))).collect::<Result<Vec<(Id, u64)>, Status>>()?;
+        let mut items = Vec::with_capacity(keys.len());
+        let mut bytes = 0;
+        for (key, known) in keys {
+            if bytes >= MAX_RECORDS_ANSWER_BYTES {
+                items.push(pb::GetRecordsItem { skipped: true, record: None });
+                continue;
+            }
+            let f = self.state.records.get(key, known).await.map_err(record_status)?;
+            let rec = record_response(f);
+            bytes += rec.data.len() + 64;
+            items.push(pb::GetRecordsItem { skipped: false, record: Some(rec) });
+        }
+        Ok(pb::GetRecordsResponse { items })
+    }
+
     /// A record read: the GetRecord call and the direct lane (`lane`) both end here.
     pub(super) async fn read_record(&self, r: pb::GetRecordRequest) -> Result<pb::GetRecordResponse, Status> {
         let key = id_from(&r.key, "key")?;
@@ -386,24 +407,7 @@ impl Peer for PeerService {
     }
 
     async fn get_records(&self, req: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {
-        let r = req.into_inner();
-        if r.items.len() > MAX_RECORDS_PER_CALL {
-            return Err(Status::invalid_argument(format!("{} records in one request (max {MAX_RECORDS_PER_CALL})", r.items.len())));
-        }
-        let keys = r.items.iter().map(|i| Ok((id_from(&i.key, "key")?, i.known_version))).collect::<Result<Vec<(Id, u64)>, Status>>()?;
-        let mut items = Vec::with_capacity(keys.len());
-        let mut bytes = 0;
-        for (key, known) in keys {
-            if bytes >= MAX_RECORDS_ANSWER_BYTES {
-                items.push(pb::GetRecordsItem { skipped: true, record: None });
-                continue;
-            }
-            let f = self.state.records.get(key, known).await.map_err(record_status)?;
-            let rec = record_response(f);
-            bytes += rec.data.len() + 64;
-            items.push(pb::GetRecordsItem { skipped: false, record: Some(rec) });
-        }
-        Ok(Response::new(pb::GetRecordsResponse { items }))
+        Ok(Response::new(self.read_records(req.into_inner()).await?))
     }
 
     async fn put_record(&self, req: Request<pb::PutRecordRequest>) -> Result<Response<pb::PutRecordResponse>, Status> {
