@@ -434,6 +434,13 @@ impl DiskImage {
         self.index.lock().live.keys().copied().collect()
     }
 
+    /// Up to `limit` stored keys after `after` (all from the first if None), ascending.
+    pub fn keys_after(&self, after: Option<&BlockKey>, limit: usize) -> Vec<BlockKey> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, |k| Bound::Excluded(*k));
+        self.index.lock().live.range((lower, Bound::Unbounded)).take(limit).map(|(k, _)| *k).collect()
+    }
+
     /// Stored keys in [from, to] (inclusive), ascending.
     pub fn keys_between(&self, from: &BlockKey, to: &BlockKey) -> Vec<BlockKey> {
         if from > to {

@@ -63,7 +63,7 @@ pub struct UpkeepConfig {
 impl Default for UpkeepConfig {
     fn default() -> Self {
         UpkeepConfig {
-            interval: Duration::from_secs(10),
+            interval: Duration::from_secs(30),
             grace: Duration::from_secs(300),
             rate_bytes_per_sec: 64 << 20,
             scrub_bytes_per_sec: 8 << 20,
@@ -347,6 +347,7 @@ impl Upkeep {
                         self.audit_credit -= cost;
                         self.audit_cursor = Some(s.stripe);
                         self.audit(s, &view).await;
+                        tokio::time::sleep(paced(cost, self.cfg.audit_bytes_per_sec)).await;
                     } else {
                         audit_short = true;
                     }
@@ -664,33 +665,60 @@ impl Upkeep {
         DrainReport { moved: self.totals.moved_shards - moved_before, left }
     }
 
-    /// Re-reads a slice of the local blocks so rot is found even if nobody reads them.
+    /// Re-reads a slice of the local blocks so rot is found even if nobody reads them,
+    /// a few MiB at a time with rests in between (`paced`). The rests are awaited here,
+    /// not slept on the blocking pool, so a peer that stops is not kept from releasing
+    /// its image by a scrub in progress.
     async fn scrub(&mut self) {
         if !pass_goes_on(self.scrub_cursor.is_some(), &mut self.scrub_pass_started, self.cfg.scrub_every, Instant::now()) {
             return;
         }
-        let store = self.state.store.clone();
         let budget = (self.cfg.scrub_bytes_per_sec as f64 * self.cfg.interval.as_secs_f64()) as u64;
-        let cursor = self.scrub_cursor;
-        self.scrub_cursor = tokio::task::spawn_blocking(move || {
-            let keys = store.keys();
-            let start = cursor.map(|c| keys.partition_point(|k| *k <= c)).unwrap_or(0);
-            let mut spent = 0u64;
-            let mut last = None;
-            for key in keys.iter().skip(start) {
-                if spent >= budget {
-                    return last;
+        let mut spent = 0u64;
+        while spent < budget {
+            let store = self.state.store.clone();
+            let after = self.scrub_cursor;
+            let (read, last) = tokio::task::spawn_blocking(move || {
+                let mut read = 0u64;
+                let mut last = None;
+                for key in store.keys_after(after.as_ref(), SCRUB_SLICE_KEYS) {
+                    if read >= SCRUB_SLICE_BYTES {
+                        break;
+                    }
+                    if let Ok(Some(b)) = store.get(&key) {
+                        read += b.data.len() as u64;
+                    }
+                    last = Some(key);
                 }
-                if let Ok(Some(b)) = store.get(key) {
-                    spent += b.data.len() as u64;
-                }
-                last = Some(*key);
+                (read, last)
+            })
+            .await
+            .unwrap_or((0, None));
+            // No key left: the pass is complete.
+            self.scrub_cursor = last;
+            if last.is_none() {
+                return;
             }
-            None
-        })
-        .await
-        .unwrap_or(None);
+            spent += read;
+            tokio::time::sleep(paced(read, self.cfg.scrub_bytes_per_sec)).await;
+        }
     }
+}
+
+/// One scrub step reads at most this many blocks, or this many bytes.
+const SCRUB_SLICE_KEYS: usize = 256;
+const SCRUB_SLICE_BYTES: u64 = 4 << 20;
+
+/// How long to rest after `bytes` of a rolling pass (scrub, audit) whose budget is
+/// `rate` bytes/s: the scan's slice is spread over half the interval instead of being
+/// read at once. Six peers on one machine each scrubbing their 80 MiB slice at once
+/// took most of both cores for a second and a half every 10 s, and whatever the user
+/// was doing then (a listing, small-file reads) ran at half speed.
+fn paced(bytes: u64, rate: u64) -> Duration {
+    if rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(bytes as f64 / (2.0 * rate as f64)).min(Duration::from_secs(5))
 }
 
 /// Whether a rolling pass (scrub, audit) works this scan: it is in the middle of one, or
@@ -709,6 +737,16 @@ fn pass_goes_on(mid_pass: bool, started: &mut Option<Instant>, every: Duration, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rolling_pass_rests_so_its_budget_takes_half_the_interval() {
+        let rate = 8u64 << 20;
+        let per_scan = rate * 10;
+        let rest: Duration = (0..80).map(|_| paced(per_scan / 80, rate)).sum();
+        assert!((rest.as_secs_f64() - 5.0).abs() < 0.01, "a 10 s budget rests 5 s in all: {rest:?}");
+        assert_eq!(paced(1 << 20, 0), Duration::ZERO, "no budget, no rest");
+        assert_eq!(paced(u64::MAX, 1), Duration::from_secs(5), "one huge block rests at most 5 s");
+    }
 
     #[test]
     fn a_pass_starts_at_once_then_not_again_until_its_period_has_passed() {
