@@ -18,6 +18,10 @@ use std::sync::Arc;
 pub const INLINE_MAX: usize = 64 << 10;
 /// Chunk writes in flight per file: enough to keep k+m peers busy.
 const MAX_INFLIGHT: usize = 4;
+/// Chunks a file's writer leaves in the read cache: the first ones only. Past them a
+/// write is a stream, whose chunks would only push out what readers use (a 512 MiB write
+/// cycled all 16 slots 8 times), and every cached 4 MiB was another buffer to page in.
+const WRITE_CACHED_CHUNKS: u64 = 4;
 /// Chunks fetched ahead of a sequential reader.
 const READ_AHEAD_CHUNKS: u64 = 2;
 /// Dirty (unsubmitted) bytes per file before partial chunks are written out anyway.
@@ -275,7 +279,9 @@ impl FileState {
             // (see `Fs::publish`). Waiting for two fsyncs per shard made every close of a
             // big file cost tens of milliseconds.
             let key = client.write_stripe_lazy(sealed).await?;
-            cache.insert(key, d2.clone());
+            if idx < WRITE_CACHED_CHUNKS {
+                cache.insert(key, d2.clone());
+            }
             Ok(Chunk { stripe: key.to_bytes().to_vec(), len: d2.len() as u32, seal })
         });
         self.inflight.push_back((idx, data, task));
