@@ -127,7 +127,17 @@ pub fn run_foreground(cfg: MountConfig) -> Result<(), String> {
             p.leave_and_stop().await;
         }
     });
-    served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+    match served {
+        // The kernel ended the connection: ENODEV on a clean unmount, or ECONNABORTED
+        // when one of the session's threads saw the end first and closed its channel
+        // (seen after `fusermount -uz` with a file still open). Either way the
+        // filesystem is unmounted and everything above has been flushed.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::info!("the kernel closed the FUSE connection ({e})");
+            Ok(())
+        }
+        r => r.map_err(|e| format!("FUSE session ended with an error: {e}")),
+    }
 }
 
 /// Starts `args` (this program with --foreground added) in the background and waits

@@ -300,22 +300,22 @@ impl LanePool {
 
     /// A record read (see the GetRecord call), answered by `addr`.
     pub async fn get_record(&self, addr: &NetAddr, req: &super::pb::GetRecordRequest) -> Result<super::pb::GetRecordResponse, LaneError> {
-        let body = req.encode_to_vec();
-        if body.len() > MAX_SMALL_BODY {
-            return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte record request", body.len()))));
-        }
-        let answer = self.call(addr, OP_GET_RECORD, 0, &[], &body).await?;
-        super::pb::GetRecordResponse::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("GetRecordResponse: {e}")))
+        self.call_proto(addr, OP_GET_RECORD, req).await
     }
 
     /// Many record reads in one exchange (see the GetRecords call).
     pub async fn get_records(&self, addr: &NetAddr, req: &super::pb::GetRecordsRequest) -> Result<super::pb::GetRecordsResponse, LaneError> {
+        self.call_proto(addr, OP_GET_RECORDS, req).await
+    }
+
+    /// An exchange whose request and answer are protobuf messages.
+    async fn call_proto<Q: Message, A: Message + Default>(&self, addr: &NetAddr, op: u8, req: &Q) -> Result<A, LaneError> {
         let body = req.encode_to_vec();
         if body.len() > MAX_SMALL_BODY {
-            return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte records request", body.len()))));
+            return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte request for lane operation {op}", body.len()))));
         }
-        let answer = self.call(addr, OP_GET_RECORDS, 0, &[], &body).await?;
-        super::pb::GetRecordsResponse::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("GetRecordsResponse: {e}")))
+        let answer = self.call(addr, op, 0, &[], &body).await?;
+        A::decode(answer.as_slice()).map_err(|e| LaneError::Protocol(format!("the answer to lane operation {op}: {e}")))
     }
 
     /// One exchange; the answer's bytes on OK. Retried once on a fresh connection when a
