@@ -23,7 +23,7 @@ pub struct RingTls {
     cert_pem: String,
     key_pem: String,
     server: Arc<rustls::ServerConfig>,
-    /// What a lane-lane connection to another member uses (`rpc::lane`).
+    /// What a direct-lane connection to another member uses (`rpc::lane`).
     client: Arc<rustls::ClientConfig>,
 }
 
@@ -91,7 +91,7 @@ impl RingTls {
         tokio_rustls::TlsAcceptor::from(self.server.clone())
     }
 
-    /// What a lane-lane connection to another member uses.
+    /// What a direct-lane connection to another member uses.
     pub fn lane_client_config(&self) -> Arc<rustls::ClientConfig> {
         self.client.clone()
     }

@@ -141,18 +141,24 @@ pub async fn wait_converged(peers: &[&RunningPeer], max: Duration) -> (usize, us
 pub mod procs;
 pub mod mount;
 
-/// A raw lane-lane connection (`rpc::lane`) to a member of a test ring: TLS with the
+/// A raw direct-lane connection (`rpc::lane`) to a member of a test ring: TLS with the
 /// test ring's credentials, the lane's magic already sent.
 pub async fn raw_lane(addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use tokio::io::AsyncWriteExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(mutualstore::crypto::tls::SERVER_NAME).unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(test_tls().unwrap().lane_client_config()).connect(name, tcp).await.unwrap();
-    s.write_all(&mutualstore::rpc::lane::MAGIC).await.unwrap();
-    s
+    try_raw_lane(addr).await.unwrap()
 }
 
-/// A lane-lane put request: op 1, flags, lengths, header, data.
+/// `raw_lane`, or why not (the peer's gate refuses an address opening connections
+/// faster than 64/s after a burst of 256, so long fuzz runs must wait their turn).
+pub async fn try_raw_lane(addr: &str) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(mutualstore::crypto::tls::SERVER_NAME).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(test_tls().unwrap().lane_client_config()).connect(name, tcp).await?;
+    s.write_all(&mutualstore::rpc::lane::MAGIC).await?;
+    Ok(s)
+}
+
+/// A direct-lane put request: op 1, flags, lengths, header, data.
 pub fn lane_put(meta: &[u8], data: &[u8], lazy: bool) -> Vec<u8> {
     let mut v = vec![1u8, lazy as u8];
     v.extend_from_slice(&(meta.len() as u16).to_le_bytes());
