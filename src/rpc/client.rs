@@ -230,16 +230,20 @@ impl GrpcNet {
     /// Stores a shard; `lazy`: in the peer's page cache when this returns (see `sync`).
     /// Over the direct lane, bounded like a block call.
     pub async fn put_shard_as(&self, addr: &NetAddr, shard: &Shard, lazy: bool) -> Result<(), NetError> {
-        let budget = BLOCK_CALL_TIMEOUT + CONNECT_TIMEOUT;
-        let r = match tokio::time::timeout(budget, self.lane.put_shard(addr, &shard.meta.encode(), &shard.data, lazy)).await {
-            Err(_) => Err(NetError::Timeout(0)),
-            Ok(r) => r.map_err(|e| self.lane_error(addr, e)),
-        };
+        let r = self.on_lane(addr, BLOCK_CALL_TIMEOUT, self.lane.put_shard(addr, &shard.meta.encode(), &shard.data, lazy)).await;
         self.observe(addr, &r);
         r
     }
 
-    /// A failed lane exchange as the same error the gRPC call would have given.
+    /// A lane exchange under the deadline the gRPC call would have, failing with the
+    /// error the gRPC call would have given.
+    async fn on_lane<T>(&self, addr: &NetAddr, t: Duration, fut: impl Future<Output = Result<T, super::lane::LaneError>>) -> Result<T, NetError> {
+        match tokio::time::timeout(call_budget(t), fut).await {
+            Err(_) => Err(NetError::Timeout(0)),
+            Ok(r) => r.map_err(|e| self.lane_error(addr, e)),
+        }
+    }
+
     fn lane_error(&self, addr: &NetAddr, e: super::lane::LaneError) -> NetError {
         match e {
             super::lane::LaneError::Status(s) => net_error(addr, s),
@@ -335,14 +339,10 @@ impl GrpcNet {
             replicas: replicas.unwrap_or_default().iter().map(|a| a.to_string()).collect(),
         };
         // Over the direct lane, with the deadline a gRPC call would have.
-        let r = match tokio::time::timeout(RING_CALL_TIMEOUT + CONNECT_TIMEOUT.min(RING_CALL_TIMEOUT), self.lane.get_record(addr, &msg)).await {
-            Err(_) => Err(NetError::Timeout(0)),
-            Ok(Ok(r)) => {
-                let authoritative = r.authoritative;
-                fetched_from(addr, known, r).map(|f| (f, authoritative))
-            }
-            Ok(Err(e)) => Err(self.lane_error(addr, e)),
-        };
+        let r = self.on_lane(addr, RING_CALL_TIMEOUT, self.lane.get_record(addr, &msg)).await.and_then(|r| {
+            let authoritative = r.authoritative;
+            fetched_from(addr, known, r).map(|f| (f, authoritative))
+        });
         self.observe(addr, &r);
         r
     }
@@ -356,10 +356,7 @@ impl GrpcNet {
             for chunk in keys.chunks(MAX_RECORDS_PER_CALL) {
                 let items = chunk.iter().map(|(k, known)| pb::GetRecordRequest { key: k.to_bytes().to_vec(), known_version: *known, ..Default::default() }).collect();
                 let req = pb::GetRecordsRequest { items };
-                let r = match tokio::time::timeout(RING_CALL_TIMEOUT + CONNECT_TIMEOUT.min(RING_CALL_TIMEOUT), self.lane.get_records(addr, &req)).await {
-                    Err(_) => return Err(NetError::Timeout(0)),
-                    Ok(r) => r.map_err(|e| self.lane_error(addr, e))?,
-                };
+                let r = self.on_lane(addr, RING_CALL_TIMEOUT, self.lane.get_records(addr, &req)).await?;
                 if r.items.len() != chunk.len() {
                     return Err(NetError::Protocol(format!("{addr} answered {} records for {} asked", r.items.len(), chunk.len())));
                 }
@@ -484,12 +481,17 @@ impl GrpcNet {
 
 /// A client-side bound on top of the gRPC deadline: connecting to a dead or frozen
 /// peer must not take longer than the call's budget.
+/// A call's whole budget: room for a connect on top of the call, but never more than the
+/// call itself gets.
+fn call_budget(t: Duration) -> Duration {
+    t + CONNECT_TIMEOUT.min(t)
+}
+
 async fn with_deadline<T>(
     t: Duration,
     fut: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<tonic::Response<T>, Status> {
-    // Room for a connect on top of the call, but never more than the call itself gets.
-    let budget = t + CONNECT_TIMEOUT.min(t);
+    let budget = call_budget(t);
     match tokio::time::timeout(budget, fut).await {
         Ok(r) => r,
         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", budget.as_millis()))),
