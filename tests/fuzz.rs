@@ -177,11 +177,21 @@ fn fuzz_the_direct_lane_on_a_real_socket() {
         valid.push(v);
     }
     let many = pb::GetRecordsRequest { items: (0..3u8).map(|i| pb::GetRecordRequest { key: vec![i; 20], known_version: i as u64, ..Default::default() }).collect() };
-    let body = many.encode_to_vec();
-    let mut v = vec![3u8, 0, 0, 0];
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&body);
-    valid.push(v);
+    // The ring's calls: a vnode of this peer's and a stranger offered as its predecessor.
+    let vnode = peer.state.node.lock().vnode_ids()[0].to_bytes().to_vec();
+    let stranger = pb::Contact { vnode_id: vec![9u8; 20], addr: "127.0.0.1:1".into() };
+    let small: [(u8, Vec<u8>); 4] = [
+        (3, many.encode_to_vec()),
+        (4, pb::VnodeRequest { vnode_id: vnode.clone() }.encode_to_vec()),
+        (5, pb::NotifyRequest { vnode_id: vnode, candidate: Some(stranger), as_successor: false }.encode_to_vec()),
+        (6, pb::FindNextRequest { key: vec![7u8; 20], avoid: vec!["127.0.0.1:1".into()] }.encode_to_vec()),
+    ];
+    for (op, body) in small {
+        let mut v = vec![op, 0, 0, 0];
+        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        v.extend_from_slice(&body);
+        valid.push(v);
+    }
     let (n, answered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner()
         .run(&hostile(valid), |bytes| {

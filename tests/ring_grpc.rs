@@ -285,6 +285,41 @@ async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     let (code, answer) = lane_answer_within(&mut c).await.expect("an answer to a record request");
     assert_eq!(code, 0, "{answer}");
 
+    // The ring's calls: a client's Neighbors, Notify and FindNext go over the lane and
+    // get the answers the ring core gives; a malformed one is refused and the connection
+    // goes on.
+    use mutualstore::ring::driver::Transport;
+    use mutualstore::ring::msg::{RingRequest, RingResponse};
+    let vnode = peers[0].state.node.lock().vnode_ids()[0];
+    match peers[0].net.call(&addr, RingRequest::Neighbors { vnode }).await.expect("neighbors over the lane") {
+        RingResponse::Neighbors(n) => assert!(n.vnode_exists, "the peer's own vnode"),
+        other => panic!("neighbors over the lane: {other:?}"),
+    }
+    match peers[0].net.call(&addr, RingRequest::FindNext { key: Id::sha1(b"anything"), avoid: Vec::new() }).await.expect("a lookup step over the lane") {
+        RingResponse::Route(mutualstore::ring::Route::Found { owner, .. }) => assert_eq!(*owner.addr, *addr, "a one-peer ring owns every key"),
+        other => panic!("a lookup step over the lane: {other:?}"),
+    }
+    let candidate = mutualstore::ring::Contact { id: vnode, addr: addr.clone() };
+    match peers[0].net.call(&addr, RingRequest::Notify { vnode, candidate, as_successor: false }).await.expect("notify over the lane") {
+        RingResponse::Notified(_) => {}
+        other => panic!("notify over the lane: {other:?}"),
+    }
+    let mut bad = vec![5u8, 0, 0, 0];
+    bad.extend_from_slice(&3u32.to_le_bytes());
+    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
+    c.write_all(&bad).await.unwrap();
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a malformed notify");
+    assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("NotifyRequest"), "{code} {msg}");
+    let mut unknown_vnode = vec![4u8, 0, 0, 0];
+    let body = prost::Message::encode_to_vec(&mutualstore::rpc::pb::VnodeRequest { vnode_id: vec![1, 2, 3] });
+    unknown_vnode.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    unknown_vnode.extend_from_slice(&body);
+    c.write_all(&unknown_vnode).await.unwrap();
+    let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a neighbors request with a short id");
+    assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("vnode_id"), "{code} {msg}");
+    c.write_all(&good).await.unwrap();
+    assert_eq!(lane_answer_within(&mut c).await.map(|a| a.0), Some(0), "the connection goes on after refused ring calls");
+
     // Lengths past the limits: refused before any body is read, and closed.
     let mut huge = vec![1u8, 0];
     huge.extend_from_slice(&(meta.len() as u16).to_le_bytes());

@@ -437,23 +437,22 @@ impl GrpcNet {
         let t = self.ring_timeout;
         let conv = |s: Status| net_error(to, s);
         match req {
+            // Lookups and the calls of every maintenance round go over the direct lane:
+            // through HTTP/2 they were most of an idle peer's CPU.
             RingRequest::FindNext { key, avoid } => {
                 let msg = pb::FindNextRequest { key: key.to_bytes().to_vec(), avoid: avoid.iter().map(|a| a.to_string()).collect() };
-                let r = with_deadline(t, c.find_next(Self::request(msg, t)))
-                    .await
-                    .map_err(conv)?;
-                Ok(RingResponse::Route(route_from(r.get_ref()).map_err(|s| net_error(to, s))?))
+                let r = self.on_lane(to, t, self.lane.find_next(to, &msg)).await?;
+                Ok(RingResponse::Route(route_from(&r).map_err(|s| net_error(to, s))?))
             }
             RingRequest::Neighbors { vnode } => {
-                let r = with_deadline(t, c.neighbors(Self::request(pb::VnodeRequest { vnode_id: vnode.to_bytes().to_vec() }, t)))
-                    .await
-                    .map_err(conv)?;
-                Ok(RingResponse::Neighbors(neighbors_from(r.get_ref()).map_err(|s| net_error(to, s))?))
+                let msg = pb::VnodeRequest { vnode_id: vnode.to_bytes().to_vec() };
+                let r = self.on_lane(to, t, self.lane.neighbors(to, &msg)).await?;
+                Ok(RingResponse::Neighbors(neighbors_from(&r).map_err(|s| net_error(to, s))?))
             }
             RingRequest::Notify { vnode, candidate, as_successor } => {
                 let msg = pb::NotifyRequest { vnode_id: vnode.to_bytes().to_vec(), candidate: Some(contact_to(&candidate)), as_successor };
-                let r = with_deadline(t, c.notify(Self::request(msg, t))).await.map_err(conv)?;
-                Ok(RingResponse::Notified(r.get_ref().accepted))
+                let r = self.on_lane(to, t, self.lane.notify(to, &msg)).await?;
+                Ok(RingResponse::Notified(r.accepted))
             }
             RingRequest::Fingers { vnode } => {
                 let r = with_deadline(t, c.fingers(Self::request(pb::VnodeRequest { vnode_id: vnode.to_bytes().to_vec() }, t)))

@@ -1,5 +1,5 @@
-//! The direct lane: shard writes and record reads outside HTTP/2, on the same port as
-//! the gRPC service.
+//! The direct lane: shard writes, record reads and the ring's maintenance calls outside
+//! HTTP/2, on the same port as the gRPC service.
 //!
 //! Why: a 1 MiB shard sent as a gRPC message was copied twice more than the bytes need —
 //! tonic encodes it into its own buffer at the sender, and gathers the HTTP/2 frames
@@ -10,7 +10,11 @@
 //! the kernel's. A record read (what every open does, for close-to-open) is a small
 //! call whose time was mostly hyper's: the request passes from the caller's task to the
 //! connection's task and the answer back, at both ends. Here the caller writes and
-//! reads its own connection.
+//! reads its own connection. Chord's maintenance (a Neighbors and a Notify per vnode per
+//! round, and a Neighbors per finger checked) and its lookups (FindNext, hop by hop:
+//! every placement and every upkeep walk) are the same kind of small call, made around
+//! a hundred times a second by every peer: over HTTP/2 they were most of an idle peer's
+//! CPU.
 //!
 //! A connection says which it is in its first bytes: `MAGIC` for the lane, anything else
 //! (the HTTP/2 preface) goes on to gRPC with those bytes replayed (`Prefixed`). In a
@@ -22,17 +26,21 @@
 //! - request: op `u8`, flags `u8`, head length `u16`, body length `u32`, head, body.
 //!   Op 1, put shard: head = the shard header (`ShardMeta`), body = the shard's bytes,
 //!   flag bit 0 = lazy. Op 2, get record, and op 3, get records: no head, body = a
-//!   protobuf `GetRecordRequest` / `GetRecordsRequest`.
+//!   protobuf `GetRecordRequest` / `GetRecordsRequest`. Op 4, neighbors, op 5, notify,
+//!   and op 6, find next: no head, body = a protobuf `VnodeRequest` / `NotifyRequest` /
+//!   `FindNextRequest`.
 //! - answer: gRPC status code `u8` (0 = OK), length `u32`, then that many bytes: on OK
-//!   the result (nothing for a put, the protobuf `GetRecordResponse` /
-//!   `GetRecordsResponse` for a read), otherwise the status message (UTF-8).
+//!   the result (nothing for a put, otherwise the call's protobuf response:
+//!   `GetRecordResponse`, `GetRecordsResponse`, `NeighborsResponse`, `NotifyResponse`,
+//!   `FindNextResponse`),
+//!   otherwise the status message (UTF-8).
 //!
 //! A request the peer cannot frame (unknown op, lengths past the limits) is answered
 //! with INVALID_ARGUMENT and the connection closed; a request it can frame but refuses
 //! (bad checksum, full disk, draining, a malformed protobuf) is answered with the same
-//! status the gRPC call gives, and the connection stays open. Both operations may be
-//! repeated (a shard's key names its content; a read changes nothing), so a client may
-//! retry one on a fresh connection.
+//! status the gRPC call gives, and the connection stays open. Every operation may be
+//! repeated (a shard's key names its content; a read changes nothing; Chord's notify is
+//! idempotent), so a client may retry one on a fresh connection.
 
 use super::server::PeerService;
 use super::{NetAddr, CONNECT_TIMEOUT};
@@ -55,6 +63,11 @@ pub const MAGIC: [u8; 8] = *b"MSLANE\x00\x01";
 pub const OP_PUT_SHARD: u8 = 1;
 pub const OP_GET_RECORD: u8 = 2;
 pub const OP_GET_RECORDS: u8 = 3;
+pub const OP_NEIGHBORS: u8 = 4;
+pub const OP_NOTIFY: u8 = 5;
+pub const OP_FIND_NEXT: u8 = 6;
+/// Every operation a peer answers.
+const OPS: [u8; 6] = [OP_PUT_SHARD, OP_GET_RECORD, OP_GET_RECORDS, OP_NEIGHBORS, OP_NOTIFY, OP_FIND_NEXT];
 pub const FLAG_LAZY: u8 = 1;
 /// Largest shard header accepted (a `ShardMeta` is 56 bytes).
 const MAX_META: usize = 1024;
@@ -205,10 +218,9 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
         let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         let (max_head, max_body) = match op {
             OP_PUT_SHARD => (MAX_META, MAX_DATA),
-            OP_GET_RECORD | OP_GET_RECORDS => (0, MAX_SMALL_BODY),
-            _ => (0, 0),
+            _ => (0, MAX_SMALL_BODY),
         };
-        let framing = if ![OP_PUT_SHARD, OP_GET_RECORD, OP_GET_RECORDS].contains(&op) {
+        let framing = if !OPS.contains(&op) {
             Some(format!("unknown lane operation {op}"))
         } else if head_len > max_head || body_len > max_body {
             Some(format!("operation {op} with a {head_len}-byte head and a {body_len}-byte body (at most {max_head} and {max_body})"))
@@ -236,17 +248,25 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "lane request body not sent within 20 s"))??;
         let r = match op {
             OP_PUT_SHARD => svc.take_shard(head, body, flags & FLAG_LAZY != 0).await.map(|()| Vec::new()),
-            OP_GET_RECORD => match super::pb::GetRecordRequest::decode(body) {
+            OP_GET_RECORD => match decoded(body, "GetRecordRequest") {
                 Ok(req) => svc.read_record(req).await.map(|a| a.encode_to_vec()),
-                Err(e) => Err(Status::invalid_argument(format!("GetRecordRequest: {e}"))),
+                Err(s) => Err(s),
             },
-            _ => match super::pb::GetRecordsRequest::decode(body) {
+            OP_GET_RECORDS => match decoded(body, "GetRecordsRequest") {
                 Ok(req) => svc.read_records(req).await.map(|a| a.encode_to_vec()),
-                Err(e) => Err(Status::invalid_argument(format!("GetRecordsRequest: {e}"))),
+                Err(s) => Err(s),
             },
+            OP_NEIGHBORS => decoded(body, "VnodeRequest").and_then(|req| svc.ring_neighbors(req)).map(|a| a.encode_to_vec()),
+            OP_NOTIFY => decoded(body, "NotifyRequest").and_then(|req| svc.ring_notify(req)).map(|a| a.encode_to_vec()),
+            _ => decoded(body, "FindNextRequest").and_then(|req| svc.ring_find_next(req)).map(|a| a.encode_to_vec()),
         };
         answer(conn, &r).await?;
     }
+}
+
+/// A request's protobuf body, or the INVALID_ARGUMENT the gRPC call would give.
+fn decoded<Q: Message + Default>(body: bytes::Bytes, what: &str) -> Result<Q, Status> {
+    Q::decode(body).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
 
 async fn answer(conn: &mut (impl LaneIo + 'static), r: &Result<Vec<u8>, Status>) -> io::Result<()> {
@@ -306,6 +326,22 @@ impl LanePool {
     /// Many record reads in one exchange (see the GetRecords call).
     pub async fn get_records(&self, addr: &NetAddr, req: &super::pb::GetRecordsRequest) -> Result<super::pb::GetRecordsResponse, LaneError> {
         self.call_proto(addr, OP_GET_RECORDS, req).await
+    }
+
+    /// A vnode's neighbours (see the Neighbors call): Chord's maintenance asks this
+    /// several times a second per vnode.
+    pub async fn neighbors(&self, addr: &NetAddr, req: &super::pb::VnodeRequest) -> Result<super::pb::NeighborsResponse, LaneError> {
+        self.call_proto(addr, OP_NEIGHBORS, req).await
+    }
+
+    /// Chord's notify (see the Notify call).
+    pub async fn notify(&self, addr: &NetAddr, req: &super::pb::NotifyRequest) -> Result<super::pb::NotifyResponse, LaneError> {
+        self.call_proto(addr, OP_NOTIFY, req).await
+    }
+
+    /// One step of a lookup (see the FindNext call): every walk of a stripe's holders.
+    pub async fn find_next(&self, addr: &NetAddr, req: &super::pb::FindNextRequest) -> Result<super::pb::FindNextResponse, LaneError> {
+        self.call_proto(addr, OP_FIND_NEXT, req).await
     }
 
     /// An exchange whose request and answer are protobuf messages.

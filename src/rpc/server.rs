@@ -102,6 +102,38 @@ impl PeerService {
 }
 
 impl PeerService {
+    /// One step of a lookup: the FindNext call and the direct lane both end here.
+    pub(super) fn ring_find_next(&self, r: pb::FindNextRequest) -> Result<pb::FindNextResponse, Status> {
+        let key = id_from(&r.key, "key")?;
+        if r.avoid.len() > crate::ring::lookup::MAX_AVOID {
+            return Err(Status::invalid_argument(format!("{} peers to avoid (max {})", r.avoid.len(), crate::ring::lookup::MAX_AVOID)));
+        }
+        let avoid = r.avoid.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        match self.ring(RingRequest::FindNext { key, avoid }) {
+            RingResponse::Route(r) => Ok(route_to(&r)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// A vnode's neighbours: the Neighbors call and the direct lane both end here.
+    pub(super) fn ring_neighbors(&self, r: pb::VnodeRequest) -> Result<pb::NeighborsResponse, Status> {
+        let vnode = id_from(&r.vnode_id, "vnode_id")?;
+        match self.ring(RingRequest::Neighbors { vnode }) {
+            RingResponse::Neighbors(n) => Ok(neighbors_to(&n)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Chord's notify: the Notify call and the direct lane both end here.
+    pub(super) fn ring_notify(&self, r: pb::NotifyRequest) -> Result<pb::NotifyResponse, Status> {
+        let vnode = id_from(&r.vnode_id, "vnode_id")?;
+        let candidate = contact_opt_from(&r.candidate)?.ok_or_else(|| Status::invalid_argument("notify without candidate"))?;
+        match self.ring(RingRequest::Notify { vnode, candidate, as_successor: r.as_successor }) {
+            RingResponse::Notified(accepted) => Ok(pb::NotifyResponse { accepted }),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Many record reads: the GetRecords call and the direct lane both end here.
     pub(super) async fn read_records(&self, r: pb::GetRecordsRequest) -> Result<pb::GetRecordsResponse, Status> {
         if r.items.len() > MAX_RECORDS_PER_CALL {
@@ -210,34 +242,15 @@ impl Peer for PeerService {
     }
 
     async fn find_next(&self, req: Request<pb::FindNextRequest>) -> Result<Response<pb::FindNextResponse>, Status> {
-        let r = req.into_inner();
-        let key = id_from(&r.key, "key")?;
-        if r.avoid.len() > crate::ring::lookup::MAX_AVOID {
-            return Err(Status::invalid_argument(format!("{} peers to avoid (max {})", r.avoid.len(), crate::ring::lookup::MAX_AVOID)));
-        }
-        let avoid = r.avoid.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
-        match self.ring(RingRequest::FindNext { key, avoid }) {
-            RingResponse::Route(r) => Ok(Response::new(route_to(&r))),
-            _ => Err(unexpected()),
-        }
+        Ok(Response::new(self.ring_find_next(req.into_inner())?))
     }
 
     async fn neighbors(&self, req: Request<pb::VnodeRequest>) -> Result<Response<pb::NeighborsResponse>, Status> {
-        let vnode = id_from(&req.into_inner().vnode_id, "vnode_id")?;
-        match self.ring(RingRequest::Neighbors { vnode }) {
-            RingResponse::Neighbors(n) => Ok(Response::new(neighbors_to(&n))),
-            _ => Err(unexpected()),
-        }
+        Ok(Response::new(self.ring_neighbors(req.into_inner())?))
     }
 
     async fn notify(&self, req: Request<pb::NotifyRequest>) -> Result<Response<pb::NotifyResponse>, Status> {
-        let r = req.into_inner();
-        let vnode = id_from(&r.vnode_id, "vnode_id")?;
-        let candidate = contact_opt_from(&r.candidate)?.ok_or_else(|| Status::invalid_argument("notify without candidate"))?;
-        match self.ring(RingRequest::Notify { vnode, candidate, as_successor: r.as_successor }) {
-            RingResponse::Notified(accepted) => Ok(Response::new(pb::NotifyResponse { accepted })),
-            _ => Err(unexpected()),
-        }
+        Ok(Response::new(self.ring_notify(req.into_inner())?))
     }
 
     async fn fingers(&self, req: Request<pb::VnodeRequest>) -> Result<Response<pb::FingersResponse>, Status> {
