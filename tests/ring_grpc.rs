@@ -259,12 +259,17 @@ async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     let back = peers[0].net.get_shard(&addr, stripe, !1).await.unwrap().expect("the shard is stored");
     assert_eq!(back.data, shards[0].data);
 
-    // A record read: the record written over gRPC, read back through the lane (the
-    // client's get_record goes that way); a request that is not a protobuf is refused
-    // and the connection goes on.
+    // Records: written and read back through the lane (the client's record calls go that
+    // way), a compare-and-swap at the wrong version answered with the record it missed;
+    // a request that is not a protobuf is refused and the connection goes on.
     let key = Id::sha1(b"a record read over the lane");
     let rec = mutualstore::meta::Record { version: 3, deleted: false, data: b"inode bytes".to_vec() };
     assert_eq!(peers[0].net.put_record(&addr, key, &rec, true).await.unwrap(), 3);
+    assert_eq!(peers[0].net.put_record(&addr, key, &mutualstore::meta::Record { version: 2, ..rec.clone() }, true).await.unwrap(), 3, "an older version is not taken");
+    match peers[0].net.cas_record(&addr, key, 2, false, b"late".to_vec(), &[], true, false).await.unwrap() {
+        mutualstore::meta::CasOutcome::Conflict(r) => assert_eq!(r, rec, "the conflict names what is there"),
+        other => panic!("a CAS at a stale version over the lane: {other:?}"),
+    }
     match peers[0].net.get_record(&addr, key, 0).await.unwrap() {
         mutualstore::meta::Fetched::Got(r) => assert_eq!(r, rec),
         other => panic!("a record read over the lane: {other:?}"),

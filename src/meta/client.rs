@@ -348,8 +348,13 @@ impl RecordClient {
                     if cur.version == 0 && expected > 0 {
                         log::warn!("record {}: primary {} of {set:?} has never seen it (we expected version {expected})", key.to_hex(), set[0]);
                     }
-                    // A retry may find the write an earlier attempt left behind.
-                    if tried && cur.version == expected + 1 && cur.deleted == deleted && cur.data == data {
+                    // A retry may find the write an earlier attempt left behind, ours or
+                    // the transport's (the direct lane repeats an exchange whose reused
+                    // connection failed before the answer). Sealed bytes name their writer
+                    // (a fresh salt each); a tombstone or unsealed bytes name nobody, so
+                    // only our own retry may claim those.
+                    let ours_alone = !deleted && self.key.is_some();
+                    if (tried || ours_alone) && cur.version == expected + 1 && cur.deleted == deleted && cur.data == data {
                         return Ok(Swap::Done(cur.version));
                     }
                     match self.open(key, cur) {

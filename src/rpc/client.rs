@@ -378,20 +378,14 @@ impl GrpcNet {
     /// Stores a replica of a record unless `addr` has that version or newer; returns the
     /// version `addr` holds afterwards.
     pub async fn put_record(&self, addr: &NetAddr, key: Id, rec: &Record, durable: bool) -> Result<u64, NetError> {
-        let mut c = self.client(addr, RING_CALL_TIMEOUT)?;
-        let req = Self::request(
-            pb::PutRecordRequest { key: key.to_bytes().to_vec(), version: rec.version, deleted: rec.deleted, data: rec.data.clone(), durable },
-            RING_CALL_TIMEOUT,
-        );
-        let r = with_deadline(RING_CALL_TIMEOUT, c.put_record(req)).await.map_err(|s| net_error(addr, s))?;
-        Ok(r.into_inner().version)
+        let msg = pb::PutRecordRequest { key: key.to_bytes().to_vec(), version: rec.version, deleted: rec.deleted, data: rec.data.clone(), durable };
+        Ok(self.on_lane(addr, RING_CALL_TIMEOUT, self.lane.put_record(addr, &msg)).await?.version)
     }
 
     /// Compare-and-swap at the record's primary `addr`, which replicates to `replicas`.
     #[allow(clippy::too_many_arguments)]
     pub async fn cas_record(&self, addr: &NetAddr, key: Id, expected: u64, deleted: bool, data: Vec<u8>, replicas: &[NetAddr], durable: bool, insist: bool) -> Result<CasOutcome, NetError> {
         let r = async {
-            let mut c = self.client(addr, RECORD_CAS_TIMEOUT)?;
             let msg = pb::CasRecordRequest {
                 key: key.to_bytes().to_vec(),
                 expected,
@@ -401,7 +395,7 @@ impl GrpcNet {
                 durable,
                 insist,
             };
-            let r = with_deadline(RECORD_CAS_TIMEOUT, c.cas_record(Self::request(msg, RECORD_CAS_TIMEOUT))).await.map_err(|s| net_error(addr, s))?.into_inner();
+            let r = self.on_lane(addr, RECORD_CAS_TIMEOUT, self.lane.cas_record(addr, &msg)).await?;
             if r.ok {
                 if r.version != expected + 1 {
                     return Err(NetError::Protocol(format!("{addr} wrote version {} for expected {expected}", r.version)));

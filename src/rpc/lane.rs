@@ -1,5 +1,5 @@
-//! The direct lane: shard writes, record reads and the ring's maintenance calls outside
-//! HTTP/2, on the same port as the gRPC service.
+//! The direct lane: shard writes, record reads and writes, and the ring's lookup and
+//! maintenance calls outside HTTP/2, on the same port as the gRPC service.
 //!
 //! Why: a 1 MiB shard sent as a gRPC message was copied twice more than the bytes need —
 //! tonic encodes it into its own buffer at the sender, and gathers the HTTP/2 frames
@@ -27,12 +27,13 @@
 //!   Op 1, put shard: head = the shard header (`ShardMeta`), body = the shard's bytes,
 //!   flag bit 0 = lazy. Op 2, get record, and op 3, get records: no head, body = a
 //!   protobuf `GetRecordRequest` / `GetRecordsRequest`. Op 4, neighbors, op 5, notify,
-//!   and op 6, find next: no head, body = a protobuf `VnodeRequest` / `NotifyRequest` /
-//!   `FindNextRequest`.
+//!   op 6, find next, op 7, put record, and op 8, compare-and-swap record: no head,
+//!   body = a protobuf `VnodeRequest` / `NotifyRequest` / `FindNextRequest` /
+//!   `PutRecordRequest` / `CasRecordRequest` (≤ 64 KiB, records' ≤ a block and 1 MiB).
 //! - answer: gRPC status code `u8` (0 = OK), length `u32`, then that many bytes: on OK
 //!   the result (nothing for a put, otherwise the call's protobuf response:
 //!   `GetRecordResponse`, `GetRecordsResponse`, `NeighborsResponse`, `NotifyResponse`,
-//!   `FindNextResponse`),
+//!   `FindNextResponse`, `PutRecordResponse`, `CasRecordResponse`),
 //!   otherwise the status message (UTF-8).
 //!
 //! A request the peer cannot frame (unknown op, lengths past the limits) is answered
@@ -40,7 +41,9 @@
 //! (bad checksum, full disk, draining, a malformed protobuf) is answered with the same
 //! status the gRPC call gives, and the connection stays open. Every operation may be
 //! repeated (a shard's key names its content; a read changes nothing; Chord's notify is
-//! idempotent), so a client may retry one on a fresh connection.
+//! idempotent; a record replica keeps the newer version; a repeated compare-and-swap
+//! fails with a conflict naming the first one's write, which its writer recognises), so
+//! a client may retry one on a fresh connection.
 
 use super::server::PeerService;
 use super::{NetAddr, CONNECT_TIMEOUT};
@@ -66,8 +69,10 @@ pub const OP_GET_RECORDS: u8 = 3;
 pub const OP_NEIGHBORS: u8 = 4;
 pub const OP_NOTIFY: u8 = 5;
 pub const OP_FIND_NEXT: u8 = 6;
+pub const OP_PUT_RECORD: u8 = 7;
+pub const OP_CAS_RECORD: u8 = 8;
 /// Every operation a peer answers.
-const OPS: [u8; 6] = [OP_PUT_SHARD, OP_GET_RECORD, OP_GET_RECORDS, OP_NEIGHBORS, OP_NOTIFY, OP_FIND_NEXT];
+const OPS: [u8; 8] = [OP_PUT_SHARD, OP_GET_RECORD, OP_GET_RECORDS, OP_NEIGHBORS, OP_NOTIFY, OP_FIND_NEXT, OP_PUT_RECORD, OP_CAS_RECORD];
 pub const FLAG_LAZY: u8 = 1;
 /// Largest shard header accepted (a `ShardMeta` is 56 bytes).
 const MAX_META: usize = 1024;
@@ -75,6 +80,8 @@ const MAX_META: usize = 1024;
 const MAX_DATA: usize = crate::blockstore::MAX_DATA_BYTES;
 /// Largest body of any other request (a GetRecordRequest names at most 16 replicas).
 const MAX_SMALL_BODY: usize = 64 << 10;
+/// Largest body of a record write: a record as large as a block, and its request.
+const MAX_RECORD_BODY: usize = super::MAX_MESSAGE_BYTES;
 /// Longest message in a refusal.
 const MAX_MESSAGE: usize = 64 << 10;
 /// Largest answer: a record, as large as a gRPC message may be.
@@ -218,7 +225,7 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
         let body_len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
         let (max_head, max_body) = match op {
             OP_PUT_SHARD => (MAX_META, MAX_DATA),
-            _ => (0, MAX_SMALL_BODY),
+            _ => (0, max_body(op)),
         };
         let framing = if !OPS.contains(&op) {
             Some(format!("unknown lane operation {op}"))
@@ -258,9 +265,25 @@ async fn serve_requests(svc: &PeerService, conn: &mut (impl LaneIo + 'static)) -
             },
             OP_NEIGHBORS => decoded(body, "VnodeRequest").and_then(|req| svc.ring_neighbors(req)).map(|a| a.encode_to_vec()),
             OP_NOTIFY => decoded(body, "NotifyRequest").and_then(|req| svc.ring_notify(req)).map(|a| a.encode_to_vec()),
+            OP_PUT_RECORD => match decoded(body, "PutRecordRequest") {
+                Ok(req) => svc.store_record(req).await.map(|a| a.encode_to_vec()),
+                Err(s) => Err(s),
+            },
+            OP_CAS_RECORD => match decoded(body, "CasRecordRequest") {
+                Ok(req) => svc.swap_record(req).await.map(|a| a.encode_to_vec()),
+                Err(s) => Err(s),
+            },
             _ => decoded(body, "FindNextRequest").and_then(|req| svc.ring_find_next(req)).map(|a| a.encode_to_vec()),
         };
         answer(conn, &r).await?;
+    }
+}
+
+/// Largest body of a request with a protobuf body.
+fn max_body(op: u8) -> usize {
+    match op {
+        OP_PUT_RECORD | OP_CAS_RECORD => MAX_RECORD_BODY,
+        _ => MAX_SMALL_BODY,
     }
 }
 
@@ -344,10 +367,23 @@ impl LanePool {
         self.call_proto(addr, OP_FIND_NEXT, req).await
     }
 
+    /// A record replica's write (see the PutRecord call).
+    pub async fn put_record(&self, addr: &NetAddr, req: &super::pb::PutRecordRequest) -> Result<super::pb::PutRecordResponse, LaneError> {
+        self.call_proto(addr, OP_PUT_RECORD, req).await
+    }
+
+    /// A compare-and-swap at a record's primary (see the CasRecord call). Retried like
+    /// any exchange: a repeat that finds the first one's write answers with a conflict
+    /// naming that record, which the writer recognises as its own (its bytes are sealed
+    /// under a fresh salt).
+    pub async fn cas_record(&self, addr: &NetAddr, req: &super::pb::CasRecordRequest) -> Result<super::pb::CasRecordResponse, LaneError> {
+        self.call_proto(addr, OP_CAS_RECORD, req).await
+    }
+
     /// An exchange whose request and answer are protobuf messages.
     async fn call_proto<Q: Message, A: Message + Default>(&self, addr: &NetAddr, op: u8, req: &Q) -> Result<A, LaneError> {
         let body = req.encode_to_vec();
-        if body.len() > MAX_SMALL_BODY {
+        if body.len() > max_body(op) {
             return Err(LaneError::Status(Status::invalid_argument(format!("a {}-byte request for lane operation {op}", body.len()))));
         }
         let answer = self.call(addr, op, 0, &[], &body).await?;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 /// Bumped whenever a message changes meaning. Exchanged in Hello; a peer refuses a joiner
 /// that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Largest gRPC message either side accepts: one block plus headers.
 pub const MAX_MESSAGE_BYTES: usize = crate::blockstore::MAX_DATA_BYTES + (1 << 20);
 /// Deadline of a ring-maintenance call (FindNext, Neighbors, Notify, ...).

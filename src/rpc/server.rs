@@ -102,6 +102,32 @@ impl PeerService {
 }
 
 impl PeerService {
+    /// A record replica's write: the PutRecord call and the direct lane both end here.
+    pub(super) async fn store_record(&self, r: pb::PutRecordRequest) -> Result<pb::PutRecordResponse, Status> {
+        let key = id_from(&r.key, "key")?;
+        check_record(r.version, r.deleted, &r.data)?;
+        let v = self.state.records.put(key, Record { version: r.version, deleted: r.deleted, data: r.data }, r.durable).await.map_err(record_status)?;
+        Ok(pb::PutRecordResponse { version: v })
+    }
+
+    /// A compare-and-swap at a record's primary: the CasRecord call and the direct lane
+    /// both end here.
+    pub(super) async fn swap_record(&self, r: pb::CasRecordRequest) -> Result<pb::CasRecordResponse, Status> {
+        let key = id_from(&r.key, "key")?;
+        let next = r.expected.checked_add(1).ok_or_else(|| Status::invalid_argument("expected version is at its maximum"))?;
+        check_record(next, r.deleted, &r.data)?;
+        if r.replicas.len() > MAX_RECORD_REPLICAS {
+            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
+        }
+        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
+        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas, r.durable, r.insist).await.map_err(record_status)?;
+        Ok(match out {
+            CasOutcome::Done(v) => pb::CasRecordResponse { ok: true, version: v, ..Default::default() },
+            CasOutcome::Conflict(rec) => pb::CasRecordResponse { ok: false, version: rec.version, found: rec.version > 0, deleted: rec.deleted, data: rec.data, failed_replicas: vec![] },
+            CasOutcome::Partial { version, failed } => pb::CasRecordResponse { ok: false, version, failed_replicas: failed.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+        })
+    }
+
     /// One step of a lookup: the FindNext call and the direct lane both end here.
     pub(super) fn ring_find_next(&self, r: pb::FindNextRequest) -> Result<pb::FindNextResponse, Status> {
         let key = id_from(&r.key, "key")?;
@@ -424,28 +450,11 @@ impl Peer for PeerService {
     }
 
     async fn put_record(&self, req: Request<pb::PutRecordRequest>) -> Result<Response<pb::PutRecordResponse>, Status> {
-        let r = req.into_inner();
-        let key = id_from(&r.key, "key")?;
-        check_record(r.version, r.deleted, &r.data)?;
-        let v = self.state.records.put(key, Record { version: r.version, deleted: r.deleted, data: r.data }, r.durable).await.map_err(record_status)?;
-        Ok(Response::new(pb::PutRecordResponse { version: v }))
+        Ok(Response::new(self.store_record(req.into_inner()).await?))
     }
 
     async fn cas_record(&self, req: Request<pb::CasRecordRequest>) -> Result<Response<pb::CasRecordResponse>, Status> {
-        let r = req.into_inner();
-        let key = id_from(&r.key, "key")?;
-        let next = r.expected.checked_add(1).ok_or_else(|| Status::invalid_argument("expected version is at its maximum"))?;
-        check_record(next, r.deleted, &r.data)?;
-        if r.replicas.len() > MAX_RECORD_REPLICAS {
-            return Err(Status::invalid_argument(format!("{} replicas named, at most {MAX_RECORD_REPLICAS}", r.replicas.len())));
-        }
-        let replicas = r.replicas.iter().map(|a| addr_from(a)).collect::<Result<Vec<_>, _>>()?;
-        let out = self.state.records.cas(key, r.expected, r.deleted, r.data, replicas, r.durable, r.insist).await.map_err(record_status)?;
-        Ok(Response::new(match out {
-            CasOutcome::Done(v) => pb::CasRecordResponse { ok: true, version: v, ..Default::default() },
-            CasOutcome::Conflict(rec) => pb::CasRecordResponse { ok: false, version: rec.version, found: rec.version > 0, deleted: rec.deleted, data: rec.data, failed_replicas: vec![] },
-            CasOutcome::Partial { version, failed } => pb::CasRecordResponse { ok: false, version, failed_replicas: failed.iter().map(|a| a.to_string()).collect(), ..Default::default() },
-        }))
+        Ok(Response::new(self.swap_record(req.into_inner()).await?))
     }
 
     async fn drain(&self, _req: Request<pb::Empty>) -> Result<Response<pb::DrainResponse>, Status> {
