@@ -170,11 +170,7 @@ fn fuzz_the_direct_lane_on_a_real_socket() {
     let mut valid: Vec<Vec<u8>> = shards.iter().flat_map(|s| [common::lane_put(&s.meta.encode(), &s.data, false), common::lane_put(&s.meta.encode(), &s.data, true)]).collect();
     for as_primary in [false, true] {
         let req = pb::GetRecordRequest { key: stripe.to_bytes().to_vec(), known_version: 1, as_primary, replicas: vec!["127.0.0.1:1".into()] };
-        let body = req.encode_to_vec();
-        let mut v = vec![2u8, 0, 0, 0];
-        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        v.extend_from_slice(&body);
-        valid.push(v);
+        valid.push(common::lane_request(2, &req.encode_to_vec()));
     }
     let many = pb::GetRecordsRequest { items: (0..3u8).map(|i| pb::GetRecordRequest { key: vec![i; 20], known_version: i as u64, ..Default::default() }).collect() };
     // The ring's calls: a vnode of this peer's and a stranger offered as its predecessor.
@@ -186,12 +182,7 @@ fn fuzz_the_direct_lane_on_a_real_socket() {
         (5, pb::NotifyRequest { vnode_id: vnode, candidate: Some(stranger), as_successor: false }.encode_to_vec()),
         (6, pb::FindNextRequest { key: vec![7u8; 20], avoid: vec!["127.0.0.1:1".into()] }.encode_to_vec()),
     ];
-    for (op, body) in small {
-        let mut v = vec![op, 0, 0, 0];
-        v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        v.extend_from_slice(&body);
-        valid.push(v);
-    }
+    valid.extend(small.iter().map(|(op, body)| common::lane_request(*op, body)));
     let (n, answered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
     runner()
         .run(&hostile(valid), |bytes| {

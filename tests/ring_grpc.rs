@@ -276,16 +276,10 @@ async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
     }
     let many = peers[0].net.get_records(&addr, &[(key, 0), (Id::sha1(b"no such record"), 0)]).await.unwrap();
     assert_eq!(many, vec![Some(mutualstore::meta::Fetched::Got(rec.clone())), Some(mutualstore::meta::Fetched::Got(Default::default()))]);
-    let mut bad = vec![2u8, 0, 0, 0];
-    bad.extend_from_slice(&3u32.to_le_bytes());
-    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
-    c.write_all(&bad).await.unwrap();
+    c.write_all(&lane_request(2, &[0xff, 0xff, 0xff])).await.unwrap();
     let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a malformed record request");
     assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("GetRecordRequest"), "{code} {msg}");
-    let mut good = vec![2u8, 0, 0, 0];
-    let body = prost::Message::encode_to_vec(&mutualstore::rpc::pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: 3, ..Default::default() });
-    good.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    good.extend_from_slice(&body);
+    let good = lane_request(2, &prost::Message::encode_to_vec(&mutualstore::rpc::pb::GetRecordRequest { key: key.to_bytes().to_vec(), known_version: 3, ..Default::default() }));
     c.write_all(&good).await.unwrap();
     let (code, answer) = lane_answer_within(&mut c).await.expect("an answer to a record request");
     assert_eq!(code, 0, "{answer}");
@@ -309,17 +303,10 @@ async fn the_direct_lane_stores_refuses_clearly_and_closes_with_its_peer() {
         RingResponse::Notified(_) => {}
         other => panic!("notify over the lane: {other:?}"),
     }
-    let mut bad = vec![5u8, 0, 0, 0];
-    bad.extend_from_slice(&3u32.to_le_bytes());
-    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
-    c.write_all(&bad).await.unwrap();
+    c.write_all(&lane_request(5, &[0xff, 0xff, 0xff])).await.unwrap();
     let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a malformed notify");
     assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("NotifyRequest"), "{code} {msg}");
-    let mut unknown_vnode = vec![4u8, 0, 0, 0];
-    let body = prost::Message::encode_to_vec(&mutualstore::rpc::pb::VnodeRequest { vnode_id: vec![1, 2, 3] });
-    unknown_vnode.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    unknown_vnode.extend_from_slice(&body);
-    c.write_all(&unknown_vnode).await.unwrap();
+    c.write_all(&lane_request(4, &prost::Message::encode_to_vec(&mutualstore::rpc::pb::VnodeRequest { vnode_id: vec![1, 2, 3] }))).await.unwrap();
     let (code, msg) = lane_answer_within(&mut c).await.expect("an answer to a neighbors request with a short id");
     assert!(code == tonic::Code::InvalidArgument as u8 && msg.contains("vnode_id"), "{code} {msg}");
     c.write_all(&good).await.unwrap();

@@ -168,6 +168,14 @@ pub fn lane_put(meta: &[u8], data: &[u8], lazy: bool) -> Vec<u8> {
     v
 }
 
+/// A lane request with no head and this body (every operation but a shard write).
+pub fn lane_request(op: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![op, 0, 0, 0];
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
 /// The next answer on a lane connection: Some((status code, message)), None at EOF.
 pub async fn lane_answer<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<(u8, String)> {
     use tokio::io::AsyncReadExt;
